@@ -1,0 +1,156 @@
+"""The sparse MoE block that replaces a decoder layer's FFN."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from unimoe.moe.config import MoEConfig
+from unimoe.moe.dispatch import make_plan
+from unimoe.moe.experts import EXPERTS, SwiGLU
+from unimoe.moe.losses import (
+    RouterStats,
+    load_balancing_loss,
+    modality_routing_loss,
+    router_z_loss,
+    routing_stats,
+)
+from unimoe.moe.routing import apply_capacity, balancing_bias_update, route
+
+
+@dataclass
+class MoEOutput:
+    hidden_states: torch.Tensor  # (B, S, H)
+    aux_loss: torch.Tensor  # ()
+    z_loss: torch.Tensor  # ()
+    modality_loss: torch.Tensor  # ()
+    stats: RouterStats | None = None
+
+
+class SparseMoEBlock(nn.Module):
+    """Router + routed experts (+ optional shared experts).
+
+    Args:
+        config: the model's :class:`MoEConfig`.
+        hidden_size, intermediate_size: the decoder's sizes (``moe.expert_intermediate_size`` overrides the latter
+            for ``ffn`` experts; ``lora`` experts always wrap an FFN of the decoder's size).
+        modalities: the modality names in id order (``modalities[0]`` is text); used for the per-modality
+            statistics and the modality-routing loss.
+    """
+
+    def __init__(self, config: MoEConfig, *, hidden_size: int, intermediate_size: int, modalities: list[str]):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.num_modalities = len(modalities)
+        self.router = nn.Linear(hidden_size, config.num_total_experts, bias=False)
+        # Auxiliary-loss-free balancing bias (DeepSeek-V3); used for selection only, updated outside autograd.
+        self.register_buffer("router_bias", torch.zeros(config.num_total_experts))
+        self.register_buffer("_load_since_update", torch.zeros(config.num_total_experts), persistent=False)
+
+        expert_size = intermediate_size
+        if config.expert_type == "ffn" and config.expert_intermediate_size is not None:
+            expert_size = config.expert_intermediate_size
+        self.experts = EXPERTS.get(config.expert_type, field="moe.expert_type")(
+            num_experts=config.num_experts,
+            hidden_size=hidden_size,
+            intermediate_size=expert_size,
+            hidden_act=config.hidden_act,
+            lora_rank=config.lora_rank,
+            lora_alpha=config.lora_alpha,
+            dispatch=config.dispatch,
+        )
+
+        self.shared_experts = None
+        self.shared_expert_gate = None
+        if config.num_shared_experts > 0:
+            # S shared experts are one SwiGLU of S times the width (DeepSeekMoE's fused shared experts).
+            shared_size = config.shared_expert_intermediate_size or expert_size
+            self.shared_experts = SwiGLU(hidden_size, shared_size * config.num_shared_experts, config.hidden_act)
+            if config.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
+
+        target = torch.zeros(self.num_modalities, config.num_total_experts, dtype=torch.bool)
+        for name, experts in config.modality_experts.items():
+            if name in modalities:
+                target[modalities.index(name), experts] = True
+        self.register_buffer("modality_target", target, persistent=False)
+        self._has_modality_targets = bool(target.any())
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        token_mask: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | None = None,
+        output_stats: bool = False,
+    ) -> MoEOutput:
+        """``hidden_states (B, S, H)``; ``token_mask (B, S)`` bool (False = padding); ``modality_ids (B, S)``."""
+        cfg = self.config
+        batch, seq, hidden = hidden_states.shape
+        x = hidden_states.reshape(-1, hidden)  # (T, H)
+        mask = token_mask.reshape(-1).bool() if token_mask is not None else None  # (T,)
+        mods = modality_ids.reshape(-1) if modality_ids is not None else None  # (T,)
+
+        router_in = x
+        if self.training and cfg.router_jitter > 0:
+            router_in = x * torch.empty_like(x).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
+        logits = self.router(router_in)  # (T, E_total)
+
+        use_bias = cfg.router_bias_update_rate > 0
+        routing = route(
+            logits,
+            top_k=cfg.top_k,
+            mode=cfg.routing,
+            top_p=cfg.top_p,
+            normalize=cfg.norm_topk_prob,
+            selection_bias=self.router_bias if use_bias else None,
+            token_mask=mask,
+        )
+        aux_loss = load_balancing_loss(routing, mask)
+        z_loss = router_z_loss(logits, mask)
+        if cfg.modality_loss_coef > 0 and mods is not None and self._has_modality_targets:
+            modality_loss = modality_routing_loss(routing.probs, mods, self.modality_target, mask)
+        else:
+            modality_loss = logits.new_zeros((), dtype=torch.float32)
+
+        routing, dropped = apply_capacity(routing, num_experts=self.num_experts, capacity_factor=cfg.capacity_factor)
+        plan = make_plan(routing.expert_index, routing.weight, routing.computed_mask(self.num_experts), self.num_experts)
+        out = self.experts(x, plan)  # (T, H)
+
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+
+        stats = None
+        if output_stats or (self.training and use_bias):
+            stats = routing_stats(
+                routing,
+                num_experts=self.num_experts,
+                num_modalities=self.num_modalities,
+                dropped=dropped,
+                modality_ids=mods,
+                token_mask=mask,
+            )
+            if self.training and use_bias:
+                self._load_since_update += stats.load
+        return MoEOutput(
+            hidden_states=out.view(batch, seq, hidden),
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            modality_loss=modality_loss,
+            stats=stats if output_stats else None,
+        )
+
+    @torch.no_grad()
+    def update_router_bias(self) -> None:
+        """Apply the auxiliary-loss-free bias update with the load seen since the last call (call after each
+        optimizer step; a no-op when ``router_bias_update_rate`` is 0)."""
+        rate = self.config.router_bias_update_rate
+        if rate > 0 and self._load_since_update.sum() > 0:
+            self.router_bias.copy_(balancing_bias_update(self.router_bias, self._load_since_update, rate))
+        self._load_since_update.zero_()
