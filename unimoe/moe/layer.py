@@ -77,7 +77,7 @@ class SparseMoEBlock(nn.Module):
             if name in modalities:
                 target[modalities.index(name), experts] = True
         self.register_buffer("modality_target", target, persistent=False)
-        self._has_modality_targets = bool(target.any())
+        self._has_modality_targets = any(name in modalities for name in config.modality_experts)
 
     def forward(
         self,

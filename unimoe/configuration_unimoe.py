@@ -1,0 +1,78 @@
+"""``UniMoEConfig``: a transformers config that wraps a decoder family's config and the MoE settings."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+from unimoe.errors import ConfigError
+from unimoe.moe.config import MoEConfig
+
+#: Token modalities, in id order. ``modality_ids`` in the model's inputs index this list.
+DEFAULT_MODALITIES = ["text", "image", "audio", "video", "points", "series"]
+
+#: Decoder families whose attention, norm, RoPE and dense MLP we reuse from transformers.
+SUPPORTED_DECODERS = ("qwen2", "qwen3", "llama")
+
+
+class UniMoEConfig(PreTrainedConfig):
+    r"""Configuration of a UniMoE model.
+
+    Args:
+        text_config: the decoder's config, any of the supported transformers families (``qwen2``, ``qwen3``,
+            ``llama``); its FFNs are replaced by MoE blocks where ``moe`` says so.
+        moe: the MoE settings as a dict (see :class:`unimoe.moe.MoEConfig`), validated on construction.
+        modalities: the names behind ``modality_ids`` (index 0 is text).
+        tie_word_embeddings: follows ``text_config.tie_word_embeddings`` unless set.
+    """
+
+    model_type = "unimoe"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="qwen2")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    moe: dict | None = None
+    modalities: list[str] | None = None
+    tie_word_embeddings: bool | None = None
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        family = self.text_config.model_type
+        if family not in SUPPORTED_DECODERS:
+            raise ConfigError(
+                f"text_config.model_type: decoder family {family!r} is not supported; "
+                f"choose one of: {', '.join(SUPPORTED_DECODERS)}"
+            )
+        tc = self.text_config
+        head_dim = getattr(tc, "head_dim", None)
+        if head_dim is None and tc.hidden_size % tc.num_attention_heads != 0:
+            raise ConfigError(
+                f"text_config.hidden_size: {tc.hidden_size} is not divisible by "
+                f"num_attention_heads={tc.num_attention_heads}; change one of them (or set head_dim)"
+            )
+        if tc.num_attention_heads % tc.num_key_value_heads != 0:
+            raise ConfigError(
+                f"text_config.num_key_value_heads: num_attention_heads={tc.num_attention_heads} is not a multiple "
+                f"of num_key_value_heads={tc.num_key_value_heads}"
+            )
+        moe = MoEConfig.from_dict(self.moe)
+        moe.check_layers(tc.num_hidden_layers)
+        self.moe = moe.to_dict()
+        if self.modalities is None:
+            self.modalities = list(DEFAULT_MODALITIES)
+        if not self.modalities or self.modalities[0] != "text":
+            raise ConfigError(f"modalities: the first modality must be 'text', got {self.modalities}")
+        if self.tie_word_embeddings is None:
+            self.tie_word_embeddings = bool(getattr(tc, "tie_word_embeddings", False))
+
+    @property
+    def moe_config(self) -> MoEConfig:
+        return MoEConfig.from_dict(self.moe)
+
+    def moe_layer_indices(self) -> list[int]:
+        n = self.text_config.num_hidden_layers
+        return [i for i in range(n) if self.moe_config.is_moe_layer(i, n)]
+
+
+__all__ = ["DEFAULT_MODALITIES", "SUPPORTED_DECODERS", "UniMoEConfig"]

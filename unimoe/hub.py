@@ -1,0 +1,232 @@
+"""Checkpoints in Hugging Face format: atomic save with tokenizer and model card, safetensors-only load, Hub push."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unimoe.errors import CheckpointError, HubError
+
+
+@dataclass
+class EvalScore:
+    """One number for the model card's results table and its ``model-index``."""
+
+    task: str
+    metric: str
+    value: float
+    dataset: str | None = None
+    task_type: str = "multimodal"
+
+
+CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A **UniMoE** checkpoint: a {{ family }} decoder whose feed-forward layers are sparse Mixture-of-Experts blocks
+({{ num_experts }} {{ expert_type }} experts, {{ routing }}, MoE on {{ num_moe_layers }} of {{ num_layers }} layers).
+
+| | |
+|---|---|
+| parameters (total) | {{ total_params }} |
+| parameters active per token | {{ active_params }} |
+| hidden size / layers / heads | {{ hidden_size }} / {{ num_layers }} / {{ num_heads }} |
+| experts | {{ num_experts }} routed{% if num_null_experts %} + {{ num_null_experts }} null{% endif %}{% if num_shared %} + {{ num_shared }} shared{% endif %}, top-{{ top_k }} |
+| modalities | {{ modalities }} |
+
+## Usage
+
+```python
+import unimoe  # registers the `unimoe` model type with transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{{ repo_or_path }}")
+tokenizer = AutoTokenizer.from_pretrained("{{ repo_or_path }}")
+```
+
+## Evaluation
+{% if results_table %}
+{{ results_table }}
+{% else %}
+No evaluation results were recorded for this checkpoint.
+{% endif %}
+{% if notes %}
+## Notes
+
+{{ notes }}
+{% endif %}
+"""
+
+
+def _human(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(n)
+
+
+def results_markdown(results: Sequence[EvalScore]) -> str:
+    lines = ["| task | metric | value |", "|---|---|---|"]
+    lines += [f"| {r.task} | {r.metric} | {r.value:.4f} |" for r in results]
+    return "\n".join(lines)
+
+
+def build_model_card(
+    model: Any,
+    *,
+    model_name: str,
+    results: Sequence[EvalScore] = (),
+    repo_or_path: str | None = None,
+    notes: str = "",
+    license: str = "apache-2.0",
+):
+    """A :class:`huggingface_hub.ModelCard` with the architecture, usage and an eval table + ``model-index``."""
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from unimoe.modeling_unimoe import count_parameters
+
+    cfg = model.config
+    moe = cfg.moe_config
+    tc = cfg.text_config
+    counts = count_parameters(model)
+    eval_results = [
+        EvalResult(
+            task_type=r.task_type,
+            dataset_type=r.dataset or r.task,
+            dataset_name=r.dataset or r.task,
+            metric_type=r.metric,
+            metric_value=float(r.value),
+        )
+        for r in results
+    ]
+    data = ModelCardData(
+        library_name="transformers",
+        license=license,
+        model_name=model_name,
+        tags=["unimoe", "mixture-of-experts", "multimodal"],
+        pipeline_tag="text-generation",
+        eval_results=eval_results or None,
+    )
+    return ModelCard.from_template(
+        data,
+        template_str=CARD_TEMPLATE,
+        model_name=model_name,
+        family=tc.model_type,
+        num_experts=moe.num_experts,
+        num_null_experts=moe.num_null_experts,
+        num_shared=moe.num_shared_experts,
+        expert_type=moe.expert_type,
+        routing=f"top-p {moe.top_p} (k <= {moe.top_k})" if moe.routing == "topp" else f"top-{moe.top_k}",
+        top_k=moe.top_k,
+        num_moe_layers=len(cfg.moe_layer_indices()),
+        num_layers=tc.num_hidden_layers,
+        hidden_size=tc.hidden_size,
+        num_heads=tc.num_attention_heads,
+        total_params=_human(counts["total"]),
+        active_params=_human(counts["active"]),
+        modalities=", ".join(cfg.modalities),
+        repo_or_path=repo_or_path or model_name,
+        results_table=results_markdown(results) if results else "",
+        notes=notes,
+    )
+
+
+def save_checkpoint(
+    model: Any,
+    out_dir: str | Path,
+    *,
+    tokenizer: Any = None,
+    processor: Any = None,
+    results: Sequence[EvalScore] = (),
+    model_name: str | None = None,
+    notes: str = "",
+    max_shard_size: str | int = "2GB",
+) -> Path:
+    """Write a complete checkpoint atomically: everything goes to a temporary sibling directory that replaces
+    ``out_dir`` only once it is complete, so a crash mid-save never leaves a half-written checkpoint."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        if tokenizer is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+            model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        elif tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        card = build_model_card(model, model_name=model_name or out_dir.name, results=results, notes=notes)
+        card.save(tmp / "README.md")
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; an existing ``dst`` is renamed aside first and removed only after the swap."""
+    old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+    if dst.exists():
+        os.replace(dst, old)
+    os.replace(src, dst)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def check_checkpoint_dir(path: str | Path) -> Path:
+    """A local checkpoint directory must exist and hold ``config.json`` and safetensors weights (never pickles)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist or is not a directory")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"checkpoint {path} has no config.json")
+    if not any(path.glob("*.safetensors")):
+        pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
+        raise CheckpointError(f"checkpoint {path} has no .safetensors weights{hint}")
+    return path
+
+
+def load_model(path: str | Path, **kwargs: Any):
+    """Load a UniMoE (or supported dense) causal LM from a local directory or a Hub id, safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    import unimoe  # noqa: F401  (registers the model type)
+
+    if Path(path).exists() or str(path).startswith((".", "/")):
+        check_checkpoint_dir(path)
+    kwargs.setdefault("use_safetensors", True)
+    try:
+        return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except OSError as err:  # Hub id not reachable / not found
+        raise CheckpointError(f"could not load {path}: {str(err).splitlines()[0]}") from err
+
+
+def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload a checkpoint directory to the Hub. Returns the commit URL; raises :class:`HubError` with one line."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    folder = check_checkpoint_dir(folder)
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model")
+    except OfflineModeIsEnabled as err:
+        raise HubError(f"cannot push {folder} to {repo_id}: Hugging Face Hub offline mode is enabled (HF_HUB_OFFLINE)") from err
+    except HfHubHTTPError as err:
+        raise HubError(f"cannot push {folder} to {repo_id}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # network errors (httpx, requests, OSError): one line, not a traceback
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise HubError(f"cannot push {folder} to {repo_id}: {first}") from err
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,429 @@
+"""UniMoE: a transformers decoder (Qwen2 / Qwen3 / Llama attention, RoPE, KV cache) whose FFNs are sparse MoE blocks.
+
+Read top to bottom: the decoder family registry, one decoder layer, the text model, the model that holds it (and,
+from Step 2 on, the encoders and connectors), and the causal-LM head with its output dataclass.
+
+The model takes ``input_ids`` or ``inputs_embeds`` plus per-token ``modality_ids``; routers see only hidden
+states, ``modality_ids`` feed the routing statistics and the optional modality-routing loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.utils import ModelOutput
+
+from unimoe.configuration_unimoe import UniMoEConfig
+from unimoe.moe import LoRAExperts, MoEConfig, RouterStats, SparseMoEBlock, SwiGLUExperts
+from unimoe.registry import Registry
+
+
+# ----------------------------------------------------------------------------- decoder families
+class DecoderFamily(NamedTuple):
+    attention: type[nn.Module]
+    norm: type[nn.Module]
+    rotary: type[nn.Module]
+    mlp: type[nn.Module]
+
+
+DECODER_FAMILIES: Registry[DecoderFamily] = Registry("decoder family")
+
+
+def _register_families() -> None:
+    from transformers.models.llama import modeling_llama as llama
+    from transformers.models.qwen2 import modeling_qwen2 as qwen2
+    from transformers.models.qwen3 import modeling_qwen3 as qwen3
+
+    DECODER_FAMILIES.register("qwen2")(
+        DecoderFamily(qwen2.Qwen2Attention, qwen2.Qwen2RMSNorm, qwen2.Qwen2RotaryEmbedding, qwen2.Qwen2MLP)
+    )
+    DECODER_FAMILIES.register("qwen3")(
+        DecoderFamily(qwen3.Qwen3Attention, qwen3.Qwen3RMSNorm, qwen3.Qwen3RotaryEmbedding, qwen3.Qwen3MLP)
+    )
+    DECODER_FAMILIES.register("llama")(
+        DecoderFamily(llama.LlamaAttention, llama.LlamaRMSNorm, llama.LlamaRotaryEmbedding, llama.LlamaMLP)
+    )
+
+
+_register_families()
+
+
+# ----------------------------------------------------------------------------- outputs
+@dataclass
+class UniMoECausalLMOutput(ModelOutput):
+    """Every loss is named. ``loss`` is what the trainer backpropagates:
+    ``lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss + modality_loss_coef * modality_loss``
+    (plus the generation-head losses once they exist). ``router_stats`` holds one :class:`RouterStats` per MoE layer
+    when ``output_router_stats=True``."""
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    modality_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    router_stats: tuple[RouterStats, ...] | None = None
+
+
+@dataclass
+class UniMoEModelOutput(ModelOutput):
+    last_hidden_state: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
+    z_loss: torch.Tensor | None = None
+    modality_loss: torch.Tensor | None = None
+    router_stats: tuple[RouterStats, ...] | None = None
+
+
+# ----------------------------------------------------------------------------- decoder
+class UniMoEDecoderLayer(nn.Module):
+    """Pre-norm attention + FFN, with the FFN a :class:`SparseMoEBlock` on MoE layers and the family MLP elsewhere."""
+
+    def __init__(self, config: UniMoEConfig, layer_idx: int):
+        super().__init__()
+        tc = config.text_config
+        family = DECODER_FAMILIES.get(tc.model_type, field="text_config.model_type")
+        self.self_attn = family.attention(tc, layer_idx)
+        self.input_layernorm = family.norm(tc.hidden_size, eps=tc.rms_norm_eps)
+        self.post_attention_layernorm = family.norm(tc.hidden_size, eps=tc.rms_norm_eps)
+        moe = config.moe_config
+        self.is_moe = moe.is_moe_layer(layer_idx, tc.num_hidden_layers)
+        if self.is_moe:
+            self.mlp = SparseMoEBlock(
+                moe, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, modalities=config.modalities
+            )
+        else:
+            self.mlp = family.mlp(tc)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        past_key_values: Cache | None,
+        token_mask: torch.Tensor | None,
+        modality_ids: torch.Tensor | None,
+        output_router_stats: bool,
+        **kwargs: Any,
+    ):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            hidden_states=self.input_layernorm(hidden_states),
+            position_embeddings=position_embeddings,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        moe_out = None
+        if self.is_moe:
+            moe_out = self.mlp(
+                hidden_states, token_mask=token_mask, modality_ids=modality_ids, output_stats=output_router_stats
+            )
+            hidden_states = moe_out.hidden_states
+        else:
+            hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states, moe_out
+
+
+class UniMoETextModel(nn.Module):
+    """Embeddings, decoder layers, final norm. Parameter names follow transformers' decoders (``embed_tokens``,
+    ``layers.N.self_attn``, ``layers.N.mlp``, ``norm``) so dense checkpoints map onto it by name."""
+
+    def __init__(self, config: UniMoEConfig):
+        super().__init__()
+        tc = config.text_config
+        family = DECODER_FAMILIES.get(tc.model_type, field="text_config.model_type")
+        self.config = tc
+        self.embed_tokens = nn.Embedding(tc.vocab_size, tc.hidden_size, getattr(tc, "pad_token_id", None))
+        self.layers = nn.ModuleList(UniMoEDecoderLayer(config, i) for i in range(tc.num_hidden_layers))
+        self.norm = family.norm(tc.hidden_size, eps=tc.rms_norm_eps)
+        self.rotary_emb = family.rotary(config=tc)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool = False,
+        modality_ids: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+        output_router_stats: bool = False,
+        **kwargs: Any,
+    ) -> UniMoEModelOutput:
+        batch, seq, _ = inputs_embeds.shape
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = (torch.arange(seq, device=inputs_embeds.device) + past).unsqueeze(0)  # (1, S)
+
+        # Padding mask of the *current* tokens (a generation step's 2D mask also covers the cache).
+        token_mask = None
+        if attention_mask is not None and attention_mask.dim() == 2:
+            token_mask = attention_mask[:, -seq:].bool()  # (B, S)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            past_key_values=past_key_values,
+            position_ids=position_ids,
+        )
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        all_hidden = [hidden_states] if output_hidden_states else None
+        moe_outputs = []
+        for layer in self.layers:
+            hidden_states, moe_out = layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                past_key_values=past_key_values,
+                token_mask=token_mask,
+                modality_ids=modality_ids,
+                output_router_stats=output_router_stats,
+                **kwargs,
+            )
+            if moe_out is not None:
+                moe_outputs.append(moe_out)
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+        hidden_states = self.norm(hidden_states)
+
+        zero = hidden_states.new_zeros((), dtype=torch.float32)
+
+        def mean_loss(name: str) -> torch.Tensor:
+            return torch.stack([getattr(o, name) for o in moe_outputs]).mean() if moe_outputs else zero
+
+        return UniMoEModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            aux_loss=mean_loss("aux_loss"),
+            z_loss=mean_loss("z_loss"),
+            modality_loss=mean_loss("modality_loss"),
+            router_stats=tuple(o.stats for o in moe_outputs) if output_router_stats else None,
+        )
+
+
+# ----------------------------------------------------------------------------- pretrained base
+class UniMoEPreTrainedModel(PreTrainedModel):
+    config_class = UniMoEConfig
+    config: UniMoEConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["UniMoEDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = False  # the dispatch reads chunk sizes on the host
+
+    def __init__(self, config: UniMoEConfig, *args: Any, **kwargs: Any):
+        super().__init__(config, *args, **kwargs)
+        # transformers sets the attention implementation on the top config only and expects each sub-config to
+        # belong to its own PreTrainedModel; our decoder is a plain module reading `text_config`, so hand it down.
+        text_config = self.config.text_config
+        if text_config._attn_implementation is None:
+            text_config._attn_implementation_internal = self.config._attn_implementation
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, SwiGLUExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, LoRAExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+            for name in ("lora_A_gate_up", "lora_A_down"):
+                init.kaiming_uniform_(getattr(module, name), a=5**0.5)
+            for name in ("lora_B_gate", "lora_B_up", "lora_B_down"):
+                init.zeros_(getattr(module, name))
+        elif isinstance(module, SparseMoEBlock):
+            init.zeros_(module.router_bias)
+
+
+class UniMoEModel(UniMoEPreTrainedModel):
+    """The language model (``language_model``); Step 2 adds ``encoders`` and ``connectors`` beside it."""
+
+    def __init__(self, config: UniMoEConfig):
+        super().__init__(config)
+        self.language_model = UniMoETextModel(self.config)  # self.config carries the attention implementation
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        modality_ids: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_router_stats: bool = False,
+        **kwargs: Any,
+    ) -> UniMoEModelOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.language_model.embed_tokens(input_ids)  # (B, S, H)
+        return self.language_model(
+            inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=bool(use_cache),
+            modality_ids=modality_ids,
+            output_hidden_states=bool(output_hidden_states),
+            output_router_stats=output_router_stats,
+            **kwargs,
+        )
+
+
+class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: UniMoEConfig):
+        super().__init__(config)
+        self.model = UniMoEModel(self.config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def moe_blocks(self) -> list[SparseMoEBlock]:
+        return [m for m in self.modules() if isinstance(m, SparseMoEBlock)]
+
+    def update_router_biases(self) -> None:
+        """Apply the auxiliary-loss-free balancing update in every MoE layer (call after each optimizer step)."""
+        for block in self.moe_blocks():
+            block.update_router_bias()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        modality_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        output_hidden_states: bool | None = None,
+        output_router_stats: bool = False,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> UniMoECausalLMOutput:
+        """Shapes: ``input_ids (B, S)`` or ``inputs_embeds (B, S, H)``; ``attention_mask (B, S_past + S)``;
+        ``modality_ids (B, S)`` (0 = text); ``labels (B, S)`` with -100 on positions without a target."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            modality_ids=modality_ids,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_router_stats=output_router_stats,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)  # (B, S_keep, V)
+
+        loss = lm_loss = None
+        if labels is not None:
+            lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
+            moe: MoEConfig = self.config.moe_config
+            loss = (
+                lm_loss
+                + moe.aux_loss_coef * outputs.aux_loss
+                + moe.z_loss_coef * outputs.z_loss
+                + moe.modality_loss_coef * outputs.modality_loss
+            )
+        return UniMoECausalLMOutput(
+            loss=loss,
+            lm_loss=lm_loss,
+            aux_loss=outputs.aux_loss,
+            z_loss=outputs.z_loss,
+            modality_loss=outputs.modality_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            router_stats=outputs.router_stats,
+        )
+
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, modality_ids=None, **kwargs):
+        inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
+        # Media tokens only exist in the prompt: pass their modality ids on the first step, sliced to the tokens
+        # being fed; every generated token is text (id 0, the default).
+        if modality_ids is not None and kwargs.get("is_first_iteration", False):
+            fed = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
+            inputs["modality_ids"] = modality_ids[:, -fed.shape[1] :]
+        return inputs
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    """Total parameters and parameters active per token (a token uses ``top_k`` routed experts; shared weights
+    counted once). Works on the meta device."""
+    total = sum(p.numel() for p in model.parameters())
+    inactive = 0
+    for block in (m for m in model.modules() if isinstance(m, SparseMoEBlock)):
+        cfg = block.config
+        experts = block.experts
+        if isinstance(experts, SwiGLUExperts):
+            per_expert = experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()
+        else:  # LoRA experts: the frozen FFN is always active, only the low-rank factors are per expert
+            per_expert = sum(getattr(experts, n)[0].numel() for n in ("lora_A_gate_up", "lora_B_gate", "lora_B_up"))
+            per_expert += experts.lora_A_down[0].numel() + experts.lora_B_down[0].numel()
+        inactive += (cfg.num_experts - min(cfg.top_k, cfg.num_experts)) * per_expert
+    return {"total": total, "active": total - inactive}
+
+
+__all__ = [
+    "DECODER_FAMILIES",
+    "UniMoECausalLMOutput",
+    "UniMoEForConditionalGeneration",
+    "UniMoEModel",
+    "UniMoEPreTrainedModel",
+    "count_parameters",
+]
