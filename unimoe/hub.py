@@ -37,7 +37,7 @@ A **UniMoE** checkpoint: a {{ family }} decoder whose feed-forward layers are sp
 | parameters (total) | {{ total_params }} |
 | parameters active per token | {{ active_params }} |
 | hidden size / layers / heads | {{ hidden_size }} / {{ num_layers }} / {{ num_heads }} |
-| experts | {{ num_experts }} routed{% if num_null_experts %} + {{ num_null_experts }} null{% endif %}{% if num_shared %} + {{ num_shared }} shared{% endif %}, top-{{ top_k }} |
+| experts | {{ experts_summary }} |
 | modalities | {{ modalities }} |
 
 ## Usage
@@ -119,8 +119,12 @@ def build_model_card(
         model_name=model_name,
         family=tc.model_type,
         num_experts=moe.num_experts,
-        num_null_experts=moe.num_null_experts,
-        num_shared=moe.num_shared_experts,
+        experts_summary=(
+            f"{moe.num_experts} routed"
+            + (f" + {moe.num_null_experts} null" if moe.num_null_experts else "")
+            + (f" + {moe.num_shared_experts} shared" if moe.num_shared_experts else "")
+            + f", top-{moe.top_k}"
+        ),
         expert_type=moe.expert_type,
         routing=f"top-p {moe.top_p} (k <= {moe.top_k})" if moe.routing == "topp" else f"top-{moe.top_k}",
         top_k=moe.top_k,
@@ -223,7 +227,9 @@ def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, toke
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model")
     except OfflineModeIsEnabled as err:
-        raise HubError(f"cannot push {folder} to {repo_id}: Hugging Face Hub offline mode is enabled (HF_HUB_OFFLINE)") from err
+        raise HubError(
+            f"cannot push {folder} to {repo_id}: Hugging Face Hub offline mode is enabled (HF_HUB_OFFLINE)"
+        ) from err
     except HfHubHTTPError as err:
         raise HubError(f"cannot push {folder} to {repo_id}: {str(err).splitlines()[0]}") from err
     except Exception as err:  # network errors (httpx, requests, OSError): one line, not a traceback

@@ -80,7 +80,9 @@ def build_tokenizer(
     """Train a byte-level BPE tokenizer (deterministic for the same text) and wrap it for transformers."""
     min_size = 256 + len(SPECIAL_TOKENS)
     if vocab_size < min_size:
-        raise ConfigError(f"tokenizer.vocab_size: must be at least {min_size} (bytes + special tokens), got {vocab_size}")
+        raise ConfigError(
+            f"tokenizer.vocab_size: must be at least {min_size} (bytes + special tokens), got {vocab_size}"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

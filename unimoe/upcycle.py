@@ -55,7 +55,9 @@ def upcycle_model(
         **moe_kwargs,
     }
     if expert_type == "ffn" and moe.get("expert_intermediate_size") not in (None, dense_cfg.intermediate_size):
-        raise ConfigError("upcycle: moe.expert_intermediate_size must equal the dense intermediate_size for ffn experts")
+        raise ConfigError(
+            "upcycle: moe.expert_intermediate_size must equal the dense intermediate_size for ffn experts"
+        )
     moe.pop("expert_intermediate_size", None)
     config = UniMoEConfig(text_config=dense_cfg.to_dict(), moe=moe)
 

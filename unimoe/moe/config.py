@@ -90,7 +90,9 @@ class MoEConfig:
         if not 0.0 < self.top_p <= 1.0:
             fail("top_p", f"must be in (0, 1], got {self.top_p}")
         if self.expert_type not in EXPERTS:
-            fail("expert_type", f"unknown expert type {self.expert_type!r}; choose one of: {', '.join(EXPERTS.names())}")
+            fail(
+                "expert_type", f"unknown expert type {self.expert_type!r}; choose one of: {', '.join(EXPERTS.names())}"
+            )
         if self.expert_intermediate_size is not None and self.expert_intermediate_size < 1:
             fail("expert_intermediate_size", f"must be >= 1, got {self.expert_intermediate_size}")
         if self.lora_rank < 1:

@@ -117,7 +117,9 @@ class SparseMoEBlock(nn.Module):
             modality_loss = logits.new_zeros((), dtype=torch.float32)
 
         routing, dropped = apply_capacity(routing, num_experts=self.num_experts, capacity_factor=cfg.capacity_factor)
-        plan = make_plan(routing.expert_index, routing.weight, routing.computed_mask(self.num_experts), self.num_experts)
+        plan = make_plan(
+            routing.expert_index, routing.weight, routing.computed_mask(self.num_experts), self.num_experts
+        )
         out = self.experts(x, plan)  # (T, H)
 
         if self.shared_experts is not None:

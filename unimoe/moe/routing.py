@@ -83,7 +83,9 @@ def slot_position_in_expert(expert_index: torch.Tensor, mask: torch.Tensor, num_
     return position.view_as(expert_index)
 
 
-def apply_capacity(routing: Routing, *, num_experts: int, capacity_factor: float | None) -> tuple[Routing, torch.Tensor]:
+def apply_capacity(
+    routing: Routing, *, num_experts: int, capacity_factor: float | None
+) -> tuple[Routing, torch.Tensor]:
     """Drop the slots that overflow an expert's capacity (earlier tokens win). Returns the new routing and the
     number of dropped slots (a 0-d tensor, no host sync). ``capacity_factor=None`` is dropless."""
     computed = routing.computed_mask(num_experts)

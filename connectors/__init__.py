@@ -1,0 +1,1 @@
+"""unimoe.connectors"""

@@ -1,0 +1,81 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from unimoe.cli import main
+
+UNIMOE = str(Path(sys.executable).parent / "unimoe")  # the installed console script
+
+
+def run_cli(*args):
+    return subprocess.run([UNIMOE, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_info_lists_presets_and_counts(capsys):
+    assert main(["info"]) == 0
+    assert "tiny" in capsys.readouterr().out
+    assert main(["info", "qwen2.5-0.5b-e8"]) == 0
+    out = capsys.readouterr().out
+    assert "total 2,690,709,376" in out and "active per token 807,991,168" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["info", "tiny", "moe.top_k=9"], "moe.top_k"),
+        (["info", "tiny", "moe.expert_type=banana"], "moe.expert_type"),
+        (["info", "tiny", "text_config.hidden_size=63"], "text_config.hidden_size"),
+        (["info", "no-such-preset"], "unknown model preset"),
+        (["upcycle", "/no/such/dir", "/tmp/x", "--num-experts", "4", "--top-k", "2"], "does not exist"),
+        (["push", "/no/such/dir", "me/x"], "does not exist"),
+    ],
+)
+def test_errors_are_one_line_and_nonzero(args, needle, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
+
+
+def test_console_script_error_path():
+    proc = run_cli("info", "tiny", "moe.num_experts=0")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "unimoe info: error: moe.num_experts: must be >= 1, got 0"
+
+
+def test_upcycle_cli(dense_qwen2_dir, tmp_path):
+    out = tmp_path / "moe"
+    proc = run_cli(
+        "upcycle",
+        str(dense_qwen2_dir),
+        str(out),
+        "--num-experts",
+        "4",
+        "--top-k",
+        "2",
+        "--expert-type",
+        "lora",
+        "--lora-rank",
+        "4",
+        "--moe-layers",
+        "0,2",
+        "--set",
+        "moe.router_jitter=0.01",
+    )
+    assert proc.returncode == 0, proc.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["moe"]["expert_type"] == "lora" and cfg["moe"]["lora_rank"] == 4 and cfg["moe"]["moe_layers"] == [0, 2]
+    assert cfg["moe"]["router_jitter"] == 0.01
+
+
+def test_quickstart_runs_end_to_end(tmp_path):
+    from unimoe.quickstart import run_quickstart
+
+    summary = run_quickstart(tmp_path, steps=3, batch_size=4)
+    assert summary["reload_max_abs_logit_diff"] < 1e-5
+    assert summary["last_lm_loss"] < summary["first_lm_loss"]
+    assert (tmp_path / "routing_heatmap.png").stat().st_size > 1000
+    assert (tmp_path / "checkpoint" / "model.safetensors").is_file()

@@ -1,0 +1,80 @@
+import json
+
+import pytest
+from transformers import AutoConfig
+
+import unimoe
+from unimoe import ConfigError, UniMoEConfig
+
+
+def tiny_text(**kw):
+    base = dict(
+        model_type="qwen2",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    return {**base, **kw}
+
+
+def test_defaults_are_valid_and_round_trip(tmp_path):
+    cfg = UniMoEConfig(text_config=tiny_text(), moe={"num_experts": 4, "top_k": 2})
+    assert cfg.model_type == "unimoe"
+    assert cfg.modalities[0] == "text"
+    cfg.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    assert data["model_type"] == "unimoe" and data["moe"]["num_experts"] == 4
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, UniMoEConfig)
+    assert loaded.moe == cfg.moe and loaded.text_config.hidden_size == 32
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"moe": {"num_experts": 4, "top_k": 5}}, "moe.top_k"),
+        ({"moe": {"expert_type": "banana"}}, "moe.expert_type"),
+        ({"moe": {"routing": "random"}}, "moe.routing"),
+        ({"moe": {"top_p": 0.0}}, "moe.top_p"),
+        ({"moe": {"capacity_factor": -1.0}}, "moe.capacity_factor"),
+        ({"moe": {"moe_layers": [0, 7]}}, "moe.moe_layers"),
+        ({"moe": {"num_expertz": 4}}, "unknown field"),
+        ({"text_config": tiny_text(hidden_size=30)}, "text_config.hidden_size"),
+        ({"text_config": tiny_text(num_key_value_heads=3)}, "text_config.num_key_value_heads"),
+        ({"modalities": ["image", "text"]}, "modalities"),
+    ],
+)
+def test_impossible_configs_name_the_field(kwargs, field):
+    kwargs.setdefault("text_config", tiny_text())
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        UniMoEConfig(**kwargs)
+
+
+def test_unsupported_decoder_family():
+    with pytest.raises(ConfigError, match="text_config.model_type"):
+        UniMoEConfig(text_config={"model_type": "gpt2"})
+
+
+def test_top_k_may_use_null_experts():
+    cfg = UniMoEConfig(text_config=tiny_text(), moe={"num_experts": 2, "num_null_experts": 2, "top_k": 3})
+    assert cfg.moe_config.num_total_experts == 4
+
+
+def test_moe_layer_placement():
+    cfg = UniMoEConfig(text_config=tiny_text(num_hidden_layers=4), moe={"moe_layer_freq": 2})
+    assert cfg.moe_layer_indices() == [1, 3]
+    cfg = UniMoEConfig(text_config=tiny_text(num_hidden_layers=4), moe={"moe_layers": [0, 2]})
+    assert cfg.moe_layer_indices() == [0, 2]
+
+
+def test_registered_with_auto_classes():
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    assert AutoConfig.for_model("unimoe").__class__ is UniMoEConfig
+    assert MODEL_FOR_CAUSAL_LM_MAPPING[UniMoEConfig] is unimoe.UniMoEForConditionalGeneration
+    model = AutoModelForCausalLM.from_config(UniMoEConfig(text_config=tiny_text()))
+    assert isinstance(model, unimoe.UniMoEForConditionalGeneration)

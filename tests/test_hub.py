@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import unimoe  # noqa: F401
+from unimoe import CheckpointError, HubError
+from unimoe.hub import EvalScore, check_checkpoint_dir, load_model, push_to_hub, save_checkpoint
+
+
+def assert_same_logits(a, b):
+    # Same weights, same inputs: equal up to fp32 kernel noise (safetensors-mapped tensors can take other
+    # MKL code paths than freshly allocated ones).
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def _probe(tokenizer):
+    return tokenizer(["What digit is this?", "seven"], return_tensors="pt", padding=True)
+
+
+def test_save_load_round_trip_identical_logits(tiny_model, tokenizer, tmp_path):
+    path = save_checkpoint(
+        tiny_model, tmp_path / "ckpt", tokenizer=tokenizer, results=[EvalScore("digits_cls", "accuracy", 0.5)]
+    )
+    files = {p.name for p in path.iterdir()}
+    assert {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "README.md",
+        "tokenizer.json",
+        "chat_template.jinja",
+    } <= files
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+    assert json.loads((path / "config.json").read_text())["model_type"] == "unimoe"
+    card = (path / "README.md").read_text()
+    assert "model-index" in card and "digits_cls" in card and "| digits_cls | accuracy | 0.5000 |" in card
+
+    loaded = AutoModelForCausalLM.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    assert tok.chat_template == tokenizer.chat_template
+    batch = _probe(tok)
+    with torch.no_grad():
+        assert_same_logits(loaded(**batch).logits, tiny_model(**batch).logits)
+    assert loaded.generation_config.pad_token_id == tokenizer.pad_token_id
+    # tied embeddings stay tied after loading
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+
+
+def test_sharded_checkpoint(tiny_model, tokenizer, tmp_path):
+    path = save_checkpoint(tiny_model, tmp_path / "sharded", tokenizer=tokenizer, max_shard_size="200KB")
+    assert (path / "model.safetensors.index.json").is_file()
+    assert len(list(path.glob("model-*.safetensors"))) > 1
+    loaded = load_model(path).eval()
+    batch = _probe(tokenizer)
+    with torch.no_grad():
+        assert_same_logits(loaded(**batch).logits, tiny_model(**batch).logits)
+
+
+def test_pickled_weights_are_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    torch.save({"x": torch.zeros(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="pickled weights are never loaded"):
+        check_checkpoint_dir(tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_model(tmp_path / "missing")
+
+
+def test_failed_save_keeps_previous_checkpoint(tiny_model, tokenizer, tmp_path, monkeypatch):
+    path = save_checkpoint(tiny_model, tmp_path / "ckpt", tokenizer=tokenizer)
+    before = (path / "model.safetensors").read_bytes()
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    with torch.no_grad():
+        tiny_model.lm_head.weight.add_(1.0)
+    monkeypatch.setattr(tokenizer, "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(tiny_model, path, tokenizer=tokenizer)
+    assert (path / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left behind
+
+
+def test_push_offline_is_one_clear_error(tiny_model, tmp_path, monkeypatch):
+    path = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubError, match="offline"):
+        push_to_hub(path, "someone/unimoe-tiny")
+
+
+def test_push_uploads_the_folder(tiny_model, tmp_path, monkeypatch):
+    """The upload itself cannot happen here: record the calls HfApi receives."""
+    path = save_checkpoint(tiny_model, tmp_path / "ckpt")
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("init", token))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(("create_repo", repo_id, kwargs["private"]))
+
+        def upload_folder(self, folder_path, repo_id, repo_type):
+            calls.append(("upload_folder", folder_path, repo_id, repo_type))
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    url = push_to_hub(path, "me/tiny", private=True)
+    assert url == "https://hub/me/tiny/commit/1"
+    assert calls[1] == ("create_repo", "me/tiny", True)
+    assert calls[2] == ("upload_folder", str(path), "me/tiny", "model")

@@ -1,0 +1,143 @@
+import pytest
+import torch
+
+from unimoe import UniMoEForConditionalGeneration, build_model
+
+
+def _batch(tokenizer, texts):
+    return tokenizer(texts, return_tensors="pt", padding=True)
+
+
+def test_forward_returns_named_losses(tiny_model, tokenizer):
+    batch = _batch(tokenizer, ["What digit is this?", "seven"])
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    out = tiny_model(**batch, labels=labels, output_router_stats=True)
+    moe = tiny_model.config.moe_config
+    expected = out.lm_loss + moe.aux_loss_coef * out.aux_loss + moe.z_loss_coef * out.z_loss
+    torch.testing.assert_close(out.loss, expected)
+    assert out.logits.shape == (*batch["input_ids"].shape, tiny_model.config.text_config.vocab_size)
+    assert len(out.router_stats) == len(tiny_model.config.moe_layer_indices()) == 4
+    # every real token routes top-k slots; padding routes nothing
+    real = int(batch["attention_mask"].sum())
+    for stats in out.router_stats:
+        assert stats.load.sum().item() == real * moe.top_k
+        assert stats.num_tokens.item() == real
+
+
+def test_backward_reaches_router_experts_and_embeddings(tiny_model, tokenizer):
+    tiny_model.train()
+    batch = _batch(tokenizer, ["one two three", "four"])
+    out = tiny_model(**batch, labels=batch["input_ids"])
+    out.loss.backward()
+    block = tiny_model.model.language_model.layers[0].mlp
+    for p in (
+        block.router.weight,
+        block.experts.gate_up_proj,
+        block.experts.down_proj,
+        tiny_model.model.language_model.embed_tokens.weight,
+    ):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_inputs_embeds_equals_input_ids(tiny_model, tokenizer):
+    batch = _batch(tokenizer, ["a shape of a box"])
+    embeds = tiny_model.get_input_embeddings()(batch["input_ids"])
+    a = tiny_model(input_ids=batch["input_ids"]).logits
+    b = tiny_model(inputs_embeds=embeds).logits
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="exactly one"):
+        tiny_model(input_ids=batch["input_ids"], inputs_embeds=embeds)
+
+
+def test_left_padding_does_not_change_predictions(tiny_model, tokenizer):
+    texts = ["What digit is this? seven", "two"]
+    single = [tiny_model(**_batch(tokenizer, [t])).logits[0, -1] for t in texts]
+    batched = tiny_model(**_batch(tokenizer, texts)).logits[:, -1]
+    for i in range(2):
+        torch.testing.assert_close(batched[i], single[i], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_generate_with_and_without_cache(family, tokenizer):
+    model = build_model("tiny", seed=1, text_config={"model_type": family}).eval()
+    batch = _batch(tokenizer, ["What digit is", "Draw the digit seven please"])
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id, eos_token_id=None)
+    cached = model.generate(**batch, use_cache=True, **kwargs)
+    uncached = model.generate(**batch, use_cache=False, **kwargs)
+    assert cached.shape[1] == batch["input_ids"].shape[1] + 10
+    assert torch.equal(cached, uncached)
+
+
+def test_modality_ids_feed_per_modality_statistics(tiny_model):
+    ids = torch.randint(10, 500, (1, 12))
+    modality_ids = torch.zeros_like(ids)
+    modality_ids[0, 2:7] = 1  # five "image" tokens
+    out = tiny_model(input_ids=ids, modality_ids=modality_ids, output_router_stats=True)
+    k = tiny_model.config.moe_config.top_k
+    for stats in out.router_stats:
+        per_mod = stats.load_per_modality.sum(-1)
+        assert per_mod[0].item() == 7 * k and per_mod[1].item() == 5 * k and per_mod[2:].sum() == 0
+    # generation passes modality ids on the first step only
+    gen = tiny_model.generate(input_ids=ids, modality_ids=modality_ids, max_new_tokens=3, do_sample=False)
+    assert gen.shape[1] == 15
+
+
+def test_modality_routing_loss_pulls_toward_assigned_experts(tokenizer):
+    model = build_model("tiny", seed=0, moe={"modality_loss_coef": 1.0, "modality_experts": {"image": [0]}})
+    ids = torch.randint(10, 500, (2, 8))
+    modality_ids = torch.ones_like(ids)
+    opt = torch.optim.SGD([p for n, p in model.named_parameters() if "router" in n], lr=0.5)
+    losses = []
+    for _ in range(15):
+        out = model(input_ids=ids, modality_ids=modality_ids, labels=ids)
+        out.modality_loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.modality_loss.item())
+    assert losses[-1] < losses[0] * 0.5
+
+
+def test_dense_layers_between_moe_layers():
+    model = build_model("tiny", moe={"moe_layer_freq": 2})
+    kinds = [layer.is_moe for layer in model.model.language_model.layers]
+    assert kinds == [False, True, False, True]
+    out = model(input_ids=torch.randint(0, 500, (1, 5)), output_router_stats=True)
+    assert len(out.router_stats) == 2
+
+
+def test_aux_loss_free_bias_updates_after_steps():
+    model = build_model("tiny", seed=0, moe={"router_bias_update_rate": 0.01, "aux_loss_coef": 0.0}).train()
+    ids = torch.randint(10, 500, (4, 16))
+    model(input_ids=ids, labels=ids)
+    block = model.model.language_model.layers[0].mlp
+    load = block._load_since_update.clone()
+    assert load.sum().item() == 4 * 16 * model.config.moe_config.top_k
+    model.update_router_biases()
+    torch.testing.assert_close(block.router_bias, 0.01 * torch.sign(load.mean() - load))
+    assert block._load_since_update.sum() == 0
+    # the bias changes which experts are selected, never the weights' source (the unbiased probabilities)
+    model.eval()
+    out = model(input_ids=ids, output_router_stats=True)
+    assert out.router_stats[0].load.sum().item() == 4 * 16 * 2
+
+
+def test_lora_and_topp_and_null_variants_run(tokenizer):
+    model = build_model(
+        "tiny",
+        seed=0,
+        moe={
+            "expert_type": "lora",
+            "routing": "topp",
+            "top_p": 0.6,
+            "num_null_experts": 1,
+            "top_k": 3,
+            "num_shared_experts": 1,
+            "shared_expert_gate": True,
+            "capacity_factor": 1.5,
+        },
+    )
+    batch = _batch(tokenizer, ["What is the answer", "seven"])
+    out = model(**batch, labels=batch["input_ids"], output_router_stats=True)
+    out.loss.backward()
+    assert isinstance(model, UniMoEForConditionalGeneration)
+    assert all(0 <= s.null_share.item() <= 1 for s in out.router_stats)

@@ -1,0 +1,153 @@
+"""The ``unimoe`` command line. Each subcommand is a thin wrapper over the library; heavy imports happen inside
+the handlers so ``unimoe --help`` is fast. Errors a user can cause print one line to stderr and exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from unimoe.errors import UniMoEError
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from err
+
+
+# ----------------------------------------------------------------------------- handlers
+def cmd_info(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from unimoe.presets import list_presets
+
+    if args.model is None:
+        print("model presets: " + ", ".join(list_presets()))
+        return 0
+    import torch
+
+    from unimoe.modeling_unimoe import count_parameters
+
+    if Path(args.model).is_dir():
+        from transformers import AutoConfig
+
+        import unimoe  # noqa: F401
+        from unimoe.modeling_unimoe import UniMoEForConditionalGeneration
+
+        config = AutoConfig.from_pretrained(args.model)
+        with torch.device("meta"):
+            model = UniMoEForConditionalGeneration(config)
+    else:
+        from unimoe.presets import build_model, parse_cli_overrides
+
+        model = build_model(args.model, parse_cli_overrides(args.overrides), device="meta")
+    cfg = model.config
+    counts = count_parameters(model)
+    moe = cfg.moe_config
+    print(f"model: {args.model} ({cfg.text_config.model_type} decoder)")
+    tc = cfg.text_config
+    print(f"layers: {tc.num_hidden_layers}, hidden: {tc.hidden_size}, MoE layers: {cfg.moe_layer_indices()}")
+    print(
+        f"experts: {moe.num_experts} x {moe.expert_type}, {moe.routing} (k<={moe.top_k}), "
+        f"null: {moe.num_null_experts}, shared: {moe.num_shared_experts}"
+    )
+    print(f"parameters: total {counts['total']:,}, active per token {counts['active']:,}")
+    return 0
+
+
+def cmd_upcycle(args: argparse.Namespace) -> int:
+    from unimoe.presets import parse_cli_overrides
+    from unimoe.upcycle import upcycle_checkpoint
+
+    extra = {k.removeprefix("moe."): v for k, v in parse_cli_overrides(args.set).items()}
+    if args.lora_rank is not None:
+        extra["lora_rank"] = args.lora_rank
+        extra.setdefault("lora_alpha", 2 * args.lora_rank)
+    out = upcycle_checkpoint(
+        args.src,
+        args.out,
+        num_experts=args.num_experts,
+        top_k=args.top_k,
+        expert_type=args.expert_type,
+        num_shared_experts=args.shared_experts,
+        moe_layers=args.moe_layers,
+        moe_layer_freq=args.moe_layer_freq,
+        dtype=args.dtype,
+        **extra,
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from unimoe.hub import push_to_hub
+
+    url = push_to_hub(args.dir, args.repo_id, private=args.private)
+    print(url)
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from unimoe.quickstart import run_quickstart
+
+    run_quickstart(args.out, steps=args.steps, seed=args.seed)
+    return 0
+
+
+# ----------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="unimoe", description="Unified multimodal Mixture-of-Experts LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("info", help="show a preset's or checkpoint's architecture and parameter counts")
+    p.add_argument("model", nargs="?", help="preset name, preset YAML or checkpoint directory (none: list presets)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. moe.num_experts=16")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("upcycle", help="turn a local dense Qwen2/Qwen3/Llama checkpoint into a UniMoE checkpoint")
+    p.add_argument("src", help="dense checkpoint directory (safetensors)")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--num-experts", type=int, required=True)
+    p.add_argument("--top-k", type=int, required=True)
+    p.add_argument("--expert-type", choices=["lora", "ffn"], default="ffn")
+    p.add_argument("--shared-experts", type=int, default=0)
+    p.add_argument("--moe-layers", type=_int_list, default=None, help="comma-separated layer indices (default: all)")
+    p.add_argument("--moe-layer-freq", type=int, default=1, help="MoE on every n-th layer")
+    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--set", nargs="*", default=[], metavar="moe.KEY=VALUE", help="other MoE settings")
+    p.set_defaults(func=cmd_upcycle)
+
+    p = sub.add_parser("push", help="upload a checkpoint directory to the Hugging Face Hub")
+    p.add_argument("dir")
+    p.add_argument("repo_id")
+    p.add_argument("--private", action="store_true")
+    p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("quickstart", help="build, exercise, save and reload the tiny model")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_quickstart)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except UniMoEError as err:
+        print(f"unimoe {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"unimoe {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
