@@ -25,6 +25,10 @@ class UniMoEConfig(PreTrainedConfig):
             ``llama``); its FFNs are replaced by MoE blocks where ``moe`` says so.
         moe: the MoE settings as a dict (see :class:`unimoe.moe.MoEConfig`), validated on construction.
         modalities: the names behind ``modality_ids`` (index 0 is text).
+        encoders: per modality, an encoder spec ``{"type": <ENCODERS name>, "pretrained": <local path>,
+            "trainable": bool, **encoder config}``.
+        connectors: per modality, a connector spec ``{"type": "mlp" | "resampler", "trainable": bool, **config}``.
+        media_token_ids: per modality, the id of its placeholder token (set from the tokenizer).
         tie_word_embeddings: follows ``text_config.tie_word_embeddings`` unless set.
     """
 
@@ -34,6 +38,9 @@ class UniMoEConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     moe: dict | None = None
     modalities: list[str] | None = None
+    encoders: dict | None = None
+    connectors: dict | None = None
+    media_token_ids: dict | None = None
     tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -63,8 +70,34 @@ class UniMoEConfig(PreTrainedConfig):
             self.modalities = list(DEFAULT_MODALITIES)
         if not self.modalities or self.modalities[0] != "text":
             raise ConfigError(f"modalities: the first modality must be 'text', got {self.modalities}")
+        self.encoders = dict(self.encoders or {})
+        self.connectors = dict(self.connectors or {})
+        self.media_token_ids = dict(self.media_token_ids or {})
+        self._validate_media()
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(tc, "tie_word_embeddings", False))
+
+    def _validate_media(self) -> None:
+        from unimoe.connectors import connector_tokens
+        from unimoe.encoders import encoder_class
+
+        for modality, spec in self.encoders.items():
+            if modality not in self.modalities[1:]:
+                raise ConfigError(f"encoders.{modality}: unknown modality; choose one of {self.modalities[1:]}")
+            if not isinstance(spec, dict):
+                raise ConfigError(f"encoders.{modality}: expected a mapping, got {type(spec).__name__}")
+            encoder_class(strip_component_keys(spec), modality)
+            if modality not in self.connectors:
+                raise ConfigError(f"connectors.{modality}: missing; every encoder needs a connector")
+            connector_tokens(modality, strip_component_keys(self.connectors[modality]), 1)
+        extra = sorted(set(self.connectors) - set(self.encoders))
+        if extra:
+            raise ConfigError(f"connectors: {extra} have no encoder (encoders.<modality>)")
+        for modality, token_id in self.media_token_ids.items():
+            if modality not in self.modalities[1:]:
+                raise ConfigError(f"media_token_ids.{modality}: unknown modality")
+            if not 0 <= int(token_id) < self.text_config.vocab_size:
+                raise ConfigError(f"media_token_ids.{modality}: {token_id} is outside the vocabulary")
 
     @property
     def moe_config(self) -> MoEConfig:
@@ -73,6 +106,14 @@ class UniMoEConfig(PreTrainedConfig):
     def moe_layer_indices(self) -> list[int]:
         n = self.text_config.num_hidden_layers
         return [i for i in range(n) if self.moe_config.is_moe_layer(i, n)]
+
+
+COMPONENT_KEYS = ("trainable",)
+
+
+def strip_component_keys(spec: dict) -> dict:
+    """An encoder / connector spec without the keys the model (not the component) reads."""
+    return {k: v for k, v in spec.items() if k not in COMPONENT_KEYS}
 
 
 __all__ = ["DEFAULT_MODALITIES", "SUPPORTED_DECODERS", "UniMoEConfig"]

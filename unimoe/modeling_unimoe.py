@@ -21,7 +21,9 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
-from unimoe.configuration_unimoe import UniMoEConfig
+from unimoe.configuration_unimoe import UniMoEConfig, strip_component_keys
+from unimoe.connectors import build_connector
+from unimoe.encoders import build_encoder
 from unimoe.moe import LoRAExperts, MoEConfig, RouterStats, SparseMoEBlock, SwiGLUExperts
 from unimoe.registry import Registry
 
@@ -54,6 +56,11 @@ def _register_families() -> None:
 
 
 _register_families()
+
+
+def media_keys(config: UniMoEConfig) -> set[str]:
+    """The model inputs that carry media: ``{modality}_values`` and ``{modality}_mask``."""
+    return {f"{m}_{suffix}" for m in config.modalities[1:] for suffix in ("values", "mask")}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -265,12 +272,67 @@ class UniMoEPreTrainedModel(PreTrainedModel):
 
 
 class UniMoEModel(UniMoEPreTrainedModel):
-    """The language model (``language_model``); Step 2 adds ``encoders`` and ``connectors`` beside it."""
+    """The language model plus one encoder and one connector per configured modality.
+
+    Media enter as ``{modality}_values`` (and optional ``{modality}_mask``) tensors whose first axis is the
+    processor's units (images, windows, clips, clouds, series) in order of appearance. Their connector outputs
+    replace the placeholder tokens (``config.media_token_ids``) in order, and ``modality_ids`` is derived from the
+    placeholders when not given.
+    """
 
     def __init__(self, config: UniMoEConfig):
         super().__init__(config)
         self.language_model = UniMoETextModel(self.config)  # self.config carries the attention implementation
+        self.encoders = nn.ModuleDict()
+        self.connectors = nn.ModuleDict()
+        hidden = self.config.text_config.hidden_size
+        for modality, spec in self.config.encoders.items():
+            encoder = build_encoder(modality, strip_component_keys(spec))
+            self.encoders[modality] = encoder
+            self.connectors[modality] = build_connector(
+                modality,
+                strip_component_keys(self.config.connectors[modality]),
+                input_dim=encoder.output_dim,
+                output_dim=hidden,
+            )
         self.post_init()
+        self.apply_trainable_flags()
+
+    def apply_trainable_flags(self) -> None:
+        """``trainable: false`` in an encoder or connector spec freezes that module."""
+        for modality in self.encoders:
+            for table, modules in ((self.config.encoders, self.encoders), (self.config.connectors, self.connectors)):
+                if not table[modality].get("trainable", True):
+                    modules[modality].requires_grad_(False)
+
+    def modality_ids_from_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        modality_ids = torch.zeros_like(input_ids)
+        for modality, token_id in self.config.media_token_ids.items():
+            modality_ids[input_ids == token_id] = self.config.modalities.index(modality)
+        return modality_ids
+
+    def embed_media(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, media: dict[str, torch.Tensor]):
+        """Encode each modality's units and write them over its placeholder embeddings (in order)."""
+        for modality, encoder in self.encoders.items():
+            values = media.get(f"{modality}_values")
+            if values is None:
+                continue
+            mask = media.get(f"{modality}_mask")
+            tokens = encoder(values.to(inputs_embeds.dtype if values.is_floating_point() else values.dtype), mask)
+            tokens = self.connectors[modality](tokens)  # (U, T', H)
+            tokens = tokens.reshape(-1, tokens.shape[-1]).to(inputs_embeds.dtype)  # (U*T', H)
+            token_id = self.config.media_token_ids.get(modality)
+            if token_id is None:
+                raise ValueError(f"{modality}_values given but config.media_token_ids has no {modality!r} token")
+            positions = input_ids == token_id  # (B, S)
+            n_slots = int(positions.sum())
+            if n_slots != tokens.shape[0]:
+                raise ValueError(
+                    f"{modality}: the prompt has {n_slots} placeholder tokens but the media give {tokens.shape[0]} "
+                    "tokens; build inputs with UniMoEProcessor so placeholders are expanded to match"
+                )
+            inputs_embeds = inputs_embeds.masked_scatter(positions.unsqueeze(-1), tokens)
+        return inputs_embeds
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.embed_tokens
@@ -293,8 +355,15 @@ class UniMoEModel(UniMoEPreTrainedModel):
     ) -> UniMoEModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        media = {k: kwargs.pop(k) for k in media_keys(self.config) & set(kwargs)}
         if inputs_embeds is None:
             inputs_embeds = self.language_model.embed_tokens(input_ids)  # (B, S, H)
+            if media:
+                inputs_embeds = self.embed_media(input_ids, inputs_embeds, media)
+            if modality_ids is None and self.config.media_token_ids:
+                modality_ids = self.modality_ids_from_input_ids(input_ids)
+        elif media:
+            raise ValueError("media inputs need input_ids (to find the placeholders), not inputs_embeds")
         return self.language_model(
             inputs_embeds,
             attention_mask=attention_mask,
@@ -394,9 +463,13 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, modality_ids=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
-        # Media tokens only exist in the prompt: pass their modality ids on the first step, sliced to the tokens
-        # being fed; every generated token is text (id 0, the default).
-        if modality_ids is not None and kwargs.get("is_first_iteration", False):
+        # Media only exist in the prompt: pass them (and their modality ids, sliced to the tokens being fed) on
+        # the first step; every generated token is text (modality id 0, the default).
+        first = kwargs.get("is_first_iteration", False)
+        if not first:
+            for key in media_keys(self.config) & set(inputs):
+                inputs.pop(key)
+        if modality_ids is not None and first:
             fed = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
             inputs["modality_ids"] = modality_ids[:, -fed.shape[1] :]
         return inputs

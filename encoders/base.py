@@ -1,0 +1,156 @@
+"""What every modality encoder provides, and the registry they live in.
+
+An encoder class owns its modality end to end — decoding a file (with a clear :class:`MediaError`), turning it into
+feature tensors, and encoding those into tokens — so the processor and the model only dispatch by modality:
+
+* ``Config``: a dataclass of its settings, validated on construction (``ConfigError`` naming the field);
+* ``load(source, config)``: a path, bytes or array → the decoded media (raises :class:`MediaError`);
+* ``preprocess(media, config)``: → ``{"values": (U, ...), "mask": ...}`` where ``U`` is the number of *units* of the
+  item (1 for an image, a point cloud, a series or a video; the number of windows for long audio);
+* ``tokens_per_unit(config)``: how many tokens ``forward`` returns per unit;
+* ``forward(values, mask=None)``: ``(U_total, ...)`` → ``(U_total, tokens_per_unit, output_dim)``;
+* ``output_dim``; ``load_pretrained(path)`` for local weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from unimoe.config_utils import config_from_dict
+from unimoe.errors import ConfigError, UniMoEError
+from unimoe.registry import Registry
+
+
+class MediaError(UniMoEError, ValueError):
+    """A media file or array that cannot be used. The message names the file and the problem."""
+
+    def __init__(self, source: Any, problem: str):
+        self.source = describe_source(source)
+        self.problem = problem
+        super().__init__(f"{self.source}: {problem}")
+
+
+def describe_source(source: Any) -> str:
+    if isinstance(source, (str, Path)):
+        return str(source)
+    if isinstance(source, (bytes, bytearray)):
+        return f"<{len(source)} bytes>"
+    shape = getattr(source, "shape", None)
+    return f"<array {tuple(shape)}>" if shape is not None else f"<{type(source).__name__}>"
+
+
+def read_bytes(source: str | Path | bytes, *, max_bytes: int | None = None) -> bytes:
+    """Read a file (or pass bytes through) with the checks every modality needs: exists, not empty, not too big."""
+    if isinstance(source, (bytes, bytearray)):
+        data = bytes(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            raise MediaError(source, "file does not exist")
+        if path.is_dir():
+            raise MediaError(source, "is a directory, expected a file")
+        size = path.stat().st_size
+        if max_bytes is not None and size > max_bytes:
+            raise MediaError(source, f"file is {size:,} bytes, above the limit of {max_bytes:,} (media.max_file_bytes)")
+        data = path.read_bytes()
+    if not data:
+        raise MediaError(source, "file is empty")
+    if max_bytes is not None and len(data) > max_bytes:
+        raise MediaError(source, f"{len(data):,} bytes, above the limit of {max_bytes:,} (media.max_file_bytes)")
+    return data
+
+
+def check_size(source: Any, max_bytes: int | None) -> None:
+    """Raise before decoding a file that is missing, empty or above the size limit."""
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.exists():
+            raise MediaError(source, "file does not exist")
+        if path.is_file():
+            size = path.stat().st_size
+            if size == 0:
+                raise MediaError(source, "file is empty")
+            if max_bytes is not None and size > max_bytes:
+                raise MediaError(
+                    source, f"file is {size:,} bytes, above the limit of {max_bytes:,} (media.max_file_bytes)"
+                )
+    elif isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise MediaError(source, "empty bytes")
+        if max_bytes is not None and len(source) > max_bytes:
+            raise MediaError(source, f"{len(source):,} bytes, above the limit of {max_bytes:,} (media.max_file_bytes)")
+
+
+class MediaEncoder(nn.Module):
+    """Base class of the modality encoders (see the module docstring for the contract)."""
+
+    modality: ClassVar[str] = ""
+    Config: ClassVar[type] = object
+
+    def __init__(self, config: Any):
+        super().__init__()
+        self.config = config
+
+    # -- media side (classmethods: the processor calls them without building the network) --
+    @classmethod
+    def load(cls, source: Any, config: Any, *, max_bytes: int | None = None) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def preprocess(cls, media: Any, config: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def tokens_per_unit(cls, config: Any) -> int:
+        raise NotImplementedError
+
+    # -- network side --
+    @property
+    def output_dim(self) -> int:
+        raise NotImplementedError
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load local weights (a ``.safetensors`` file or a directory holding ``model.safetensors``)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        file = path / "model.safetensors" if path.is_dir() else path
+        if not file.is_file() or file.suffix != ".safetensors":
+            raise ConfigError(f"{self.modality} encoder pretrained: {path} is not a .safetensors file or directory")
+        state = load_file(str(file))
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ConfigError(
+                f"{self.modality} encoder pretrained: {file} does not match the encoder "
+                f"(missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})"
+            )
+
+
+ENCODERS: Registry[type[MediaEncoder]] = Registry("encoder type")
+
+
+def build_encoder(modality: str, spec: dict[str, Any]) -> MediaEncoder:
+    """Build the encoder of ``spec["type"]`` and load ``spec["pretrained"]`` weights if given."""
+    spec = dict(spec)
+    name = spec.pop("type", None)
+    if name is None:
+        raise ConfigError(f"encoders.{modality}.type is missing; choose one of: {', '.join(ENCODERS.names())}")
+    cls = ENCODERS.get(name, field=f"encoders.{modality}.type")
+    pretrained = spec.pop("pretrained", None)
+    encoder = cls(config_from_dict(cls.Config, spec, where=f"encoders.{modality}"))
+    if pretrained:
+        encoder.load_pretrained(pretrained)
+    return encoder
+
+
+def encoder_class(spec: dict[str, Any], modality: str) -> tuple[type[MediaEncoder], Any]:
+    """The class and validated config of an encoder spec, without building the network."""
+    spec = dict(spec)
+    name = spec.pop("type", None)
+    cls = ENCODERS.get(name, field=f"encoders.{modality}.type")
+    spec.pop("pretrained", None)
+    return cls, config_from_dict(cls.Config, spec, where=f"encoders.{modality}")

@@ -1,0 +1,151 @@
+"""Image encoder: ViT patch tokens from timm or open_clip (a chosen layer, prefix/CLS tokens dropped)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .base import ENCODERS, MediaEncoder, MediaError, check_size
+from unimoe.errors import ConfigError
+
+
+@dataclass
+class ImageEncoderConfig:
+    """``backend="timm"``: ``timm.create_model(model_name, **model_kwargs)``; ``backend="open_clip"``: the visual
+    tower of ``open_clip.create_model(model_name)``. ``pretrained`` (in the encoder spec) is a local file or
+    directory; nothing is downloaded."""
+
+    backend: str = "timm"
+    model_name: str = "vit_tiny_patch16_224"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    image_size: int = 224
+    patch_size: int = 16
+    select_layer: int = -1
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("timm", "open_clip"):
+            raise ConfigError(f"encoders.image.backend: unknown backend {self.backend!r}; choose 'timm' or 'open_clip'")
+        if self.image_size % self.patch_size != 0:
+            raise ConfigError(
+                f"encoders.image.image_size: {self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError("encoders.image.mean/std: need 3 values (RGB)")
+
+
+def load_image(source: Any, *, max_bytes: int | None = None):
+    """A path, bytes, PIL image or ``(H, W[, C])`` array → an RGB PIL image; corrupt input raises MediaError."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(source, Image.Image):
+        return source.convert("RGB")
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
+        if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
+            array = np.moveaxis(array, 0, -1)  # CHW -> HWC
+        if array.ndim not in (2, 3) or array.size == 0:
+            raise MediaError(source, f"expected an (H, W) or (H, W, C) image array, got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise MediaError(source, "image array contains NaN or infinite values")
+        if array.dtype != np.uint8:
+            array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array).convert("RGB")
+    check_size(source, max_bytes)
+    data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()  # decode now: a truncated file fails here, not later
+    except UnidentifiedImageError:
+        raise MediaError(source, "not a readable image (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise MediaError(source, f"corrupt image ({err})") from None
+    if image.width == 0 or image.height == 0:
+        raise MediaError(source, "image has zero width or height")
+    return image.convert("RGB")
+
+
+def image_to_tensor(image, config: ImageEncoderConfig) -> torch.Tensor:
+    """Resize to ``image_size`` (bicubic), scale to [0, 1], normalize.  # (3, S, S)"""
+    from PIL import Image
+
+    image = image.resize((config.image_size, config.image_size), Image.Resampling.BICUBIC)
+    x = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, S, S)
+    mean = torch.tensor(config.mean).view(3, 1, 1)
+    std = torch.tensor(config.std).view(3, 1, 1)
+    return (x - mean) / std
+
+
+@ENCODERS.register("vit")
+class ImageEncoder(MediaEncoder):
+    modality = "image"
+    Config = ImageEncoderConfig
+
+    def __init__(self, config: ImageEncoderConfig):
+        super().__init__(config)
+        if config.backend == "timm":
+            import timm
+
+            kwargs = {"img_size": config.image_size, "patch_size": config.patch_size, **config.model_kwargs}
+            self.vit = timm.create_model(config.model_name, pretrained=False, num_classes=0, **kwargs)
+            self._dim = self.vit.embed_dim
+        else:
+            import open_clip
+
+            self.vit = open_clip.create_model(config.model_name, pretrained=None, **config.model_kwargs).visual
+            self._dim = self.vit.transformer.width
+
+    @property
+    def output_dim(self) -> int:
+        return self._dim
+
+    @classmethod
+    def load(cls, source: Any, config: ImageEncoderConfig, *, max_bytes: int | None = None):
+        return load_image(source, max_bytes=max_bytes)
+
+    @classmethod
+    def preprocess(cls, media, config: ImageEncoderConfig) -> dict[str, torch.Tensor]:
+        return {"values": image_to_tensor(media, config).unsqueeze(0)}  # (1, 3, S, S)
+
+    @classmethod
+    def tokens_per_unit(cls, config: ImageEncoderConfig) -> int:
+        return (config.image_size // config.patch_size) ** 2
+
+    def forward(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``values (N, 3, S, S)`` → patch tokens of the selected layer ``(N, P, D)`` without prefix tokens."""
+        if self.config.backend == "timm":
+            (tokens,) = self.vit.forward_intermediates(
+                values, indices=[self.config.select_layer], output_fmt="NLC", intermediates_only=True
+            )
+            return tokens
+        out = self.vit.forward_intermediates(values, indices=[self.config.select_layer], intermediates_only=True)
+        feats = out["image_intermediates"][0]  # (N, D, h, w)
+        return feats.flatten(2).transpose(1, 2)  # (N, P, D)
+
+    def load_pretrained(self, path: str | Path) -> None:
+        """timm / open_clip weights of the backbone (safetensors) or of this whole encoder."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        file = path / "model.safetensors" if path.is_dir() else path
+        if not file.is_file() or file.suffix != ".safetensors":
+            raise ConfigError(f"image encoder pretrained: {path} is not a .safetensors file or directory")
+        state = load_file(str(file))
+        if any(k.startswith("vit.") for k in state):
+            state = {k.removeprefix("vit."): v for k, v in state.items()}
+        if self.config.backend == "open_clip":
+            state = {k.removeprefix("visual."): v for k, v in state.items() if not k.startswith("transformer.")}
+        missing, unexpected = self.vit.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not k.startswith("head")]
+        if missing or unexpected:
+            raise ConfigError(
+                f"image encoder pretrained: {file} does not match {self.config.model_name} "
+                f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
+            )
+
