@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from unimoe.moe.dispatch import DispatchPlan, combine, grouped_linear, use_grouped_mm
+from unimoe.moe.dispatch import (
+    DispatchPlan,
+    combine,
+    gather_chunks,
+    grouped_linear,
+    scatter_chunks,
+    use_grouped_mm,
+)
 from unimoe.registry import Registry
 
 EXPERTS: Registry[type[nn.Module]] = Registry("expert type")
@@ -64,11 +71,27 @@ class SwiGLUExperts(nn.Module):
         return self.gate_up_proj[0].numel() + self.down_proj[0].numel()
 
     def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        grouped = use_grouped_mm(self.dispatch, x)
-        xs = x.index_select(0, plan.token_index)  # (N, H): backward is an index_add, cheap on CPU
-        gate, up = grouped_linear(xs, self.gate_up_proj, plan, grouped).chunk(2, dim=-1)  # (N, I) each
-        out = grouped_linear(self.act_fn(gate) * up, self.down_proj, plan, grouped)  # (N, H)
-        return combine(out, plan)
+        if use_grouped_mm(self.dispatch, x):
+            xs = x.index_select(0, plan.token_index)  # (N, H): backward is an index_add
+            gate, up = grouped_linear(xs, self.gate_up_proj, plan, True).chunk(2, dim=-1)  # (N, I) each
+            out = grouped_linear(self.act_fn(gate) * up, self.down_proj, plan, True)  # (N, H)
+            return combine(out, plan)
+        # Loop: each expert runs its whole FFN on its own chunk; weights are unbind-ed views (one grad buffer each).
+        outputs = []
+        for x_e, w_e, gate_up, down in zip(
+            gather_chunks(x, plan), plan.weight_chunks(), self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
+        ):
+            if x_e.shape[0] == 0:
+                outputs.append(x_e)
+                continue
+            gate, up = F.linear(x_e, gate_up).chunk(2, dim=-1)  # (n_e, I) each
+            # routing weight on the (n_e, I) hidden when it is narrower than the output (same product: linear down)
+            h = self.act_fn(gate) * up
+            if h.shape[-1] <= x_e.shape[-1]:
+                outputs.append(F.linear(h * w_e.to(h.dtype), down))
+            else:
+                outputs.append(F.linear(h, down) * w_e.to(h.dtype))
+        return scatter_chunks(outputs, plan)
 
 
 @EXPERTS.register("lora")
@@ -141,6 +164,8 @@ class LoRAExperts(nn.Module):
         r, s = self.rank, self.scaling
         gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)  # (T, I) each, frozen, once
         hidden = self.act_fn(gate) * up  # (T, I)
+        if not grouped:
+            return self._forward_loop(x, gate, up, hidden, plan)
 
         idx = plan.token_index
         xs = x.index_select(0, idx)  # (N, H)
@@ -148,8 +173,41 @@ class LoRAExperts(nn.Module):
         gate_e = gate.index_select(0, idx) + s * grouped_linear(a[:, :r].contiguous(), self.lora_B_gate, plan, grouped)
         up_e = up.index_select(0, idx) + s * grouped_linear(a[:, r:].contiguous(), self.lora_B_up, plan, grouped)
         hidden_e = self.act_fn(gate_e) * up_e  # (N, I)
-        down_delta = s * grouped_linear(grouped_linear(hidden_e, self.lora_A_down, plan, grouped), self.lora_B_down, plan, grouped)
+        down_delta = s * grouped_linear(
+            grouped_linear(hidden_e, self.lora_A_down, plan, grouped), self.lora_B_down, plan, grouped
+        )
 
         w = plan.weight.to(x.dtype).unsqueeze(-1)
         mixed = hidden.index_add(0, idx, (hidden_e - hidden.index_select(0, idx)) * w)  # (T, I)
         return F.linear(mixed, self.down_proj) + combine(down_delta, plan)
+
+    def _forward_loop(
+        self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, hidden: torch.Tensor, plan: DispatchPlan
+    ) -> torch.Tensor:
+        """The same sums as the grouped path, one expert chunk at a time (small temporaries, see dispatch.py)."""
+        r, s = self.rank, self.scaling
+        deltas, outs = [], []
+        experts = zip(
+            gather_chunks(x, plan),
+            gather_chunks(gate, plan),
+            gather_chunks(up, plan),
+            gather_chunks(hidden, plan),
+            plan.weight_chunks(),
+            self.lora_A_gate_up.unbind(0),
+            self.lora_B_gate.unbind(0),
+            self.lora_B_up.unbind(0),
+            self.lora_A_down.unbind(0),
+            self.lora_B_down.unbind(0),
+        )
+        for x_e, gate_e, up_e, hidden_e, w_e, a_gu, b_g, b_u, a_d, b_d in experts:
+            if x_e.shape[0] == 0:
+                deltas.append(hidden_e)
+                outs.append(x_e)
+                continue
+            w_e = w_e.to(x.dtype)
+            a = F.linear(x_e, a_gu) * s  # (n_e, 2r); scaling on the narrow tensor
+            h_e = self.act_fn(gate_e + F.linear(a[:, :r], b_g)) * (up_e + F.linear(a[:, r:], b_u))  # (n_e, I)
+            deltas.append((h_e - hidden_e) * w_e)
+            outs.append(F.linear(F.linear(h_e, a_d) * (w_e * s), b_d))  # (n_e, H)
+        mixed = scatter_chunks(deltas, plan, base=hidden)  # (T, I)
+        return F.linear(mixed, self.down_proj) + scatter_chunks(outs, plan)

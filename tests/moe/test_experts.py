@@ -1,0 +1,153 @@
+"""Expert families against naive references, and the dispatch backends against each other."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unimoe.moe import LoRAExperts, MoEConfig, SparseMoEBlock, SwiGLU, SwiGLUExperts, make_plan
+
+BACKENDS = ["loop", "grouped_mm"]
+
+
+def swiglu(x, w_gate_up, w_down):
+    gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w_down)
+
+
+def random_routing(num_tokens, num_experts, top_k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.rand(num_tokens, num_experts, generator=g)
+    index = scores.topk(top_k, dim=-1).indices
+    weight = torch.rand(num_tokens, top_k, generator=g) + 0.1
+    weight = weight / weight.sum(-1, keepdim=True)
+    return index, weight
+
+
+@pytest.mark.parametrize("dispatch", BACKENDS)
+def test_one_expert_top1_equals_dense_mlp(dispatch):
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=1, top_k=1, dispatch=dispatch, expert_intermediate_size=24)
+    block = SparseMoEBlock(cfg, hidden_size=16, intermediate_size=24, modalities=["text"])
+    dense = SwiGLU(16, 24)
+    with torch.no_grad():
+        dense.gate_proj.weight.copy_(block.experts.gate_up_proj[0, :24])
+        dense.up_proj.weight.copy_(block.experts.gate_up_proj[0, 24:])
+        dense.down_proj.weight.copy_(block.experts.down_proj[0])
+    x = torch.randn(2, 7, 16)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn(2, 7, 16)
+    out = block(x1).hidden_states
+    ref = dense(x2)
+    torch.testing.assert_close(out, ref)
+    (out * grad).sum().backward()
+    (ref * grad).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    gate_up_grad = block.experts.gate_up_proj.grad[0]
+    torch.testing.assert_close(gate_up_grad, torch.cat([dense.gate_proj.weight.grad, dense.up_proj.weight.grad]))
+    torch.testing.assert_close(block.experts.down_proj.grad[0], dense.down_proj.weight.grad)
+    assert block.router.weight.grad is not None  # the (constant 1) weight still carries a gradient path
+
+
+@pytest.mark.parametrize("width", [8, 20])  # narrower and wider than hidden (the routing weight moves)
+@pytest.mark.parametrize("dispatch", BACKENDS)
+def test_ffn_experts_equal_naive_per_token_loop(dispatch, width):
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(num_experts=5, hidden_size=12, intermediate_size=width, dispatch=dispatch)
+    x = torch.randn(9, 12)
+    index, weight = random_routing(9, 5, 2)
+    computed = torch.ones_like(index, dtype=torch.bool)
+    computed[3, 1] = False  # e.g. a dropped slot: contributes nothing
+    out = experts(x, make_plan(index, weight, computed, 5))
+    ref = torch.zeros_like(x)
+    with torch.no_grad():
+        for t in range(9):
+            for j in range(2):
+                if computed[t, j]:
+                    e = index[t, j]
+                    ref[t] += weight[t, j] * swiglu(x[t], experts.gate_up_proj[e], experts.down_proj[e])
+    torch.testing.assert_close(out, ref)
+
+
+def lora_expert_weights(experts, e):
+    s, r = experts.scaling, experts.rank
+    a_gu = experts.lora_A_gate_up[e]
+    delta_gate_up = torch.cat([experts.lora_B_gate[e] @ a_gu[:r], experts.lora_B_up[e] @ a_gu[r:]])
+    w_gate_up = experts.gate_up_proj + s * delta_gate_up
+    w_down = experts.down_proj + s * experts.lora_B_down[e] @ experts.lora_A_down[e]
+    return w_gate_up, w_down
+
+
+@pytest.mark.parametrize("dispatch", BACKENDS)
+def test_lora_zero_b_equals_frozen_ffn_exactly(dispatch):
+    torch.manual_seed(0)
+    experts = LoRAExperts(num_experts=4, hidden_size=12, intermediate_size=20, lora_rank=3, dispatch=dispatch)
+    x = torch.randn(10, 12)
+    index, weight = random_routing(10, 4, 2)
+    weight = weight * 0.7  # whatever the weights
+    out = experts(x, make_plan(index, weight, torch.ones_like(index, dtype=torch.bool), 4))
+    ref = swiglu(x, experts.gate_up_proj, experts.down_proj)
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("dispatch", BACKENDS)
+def test_lora_experts_equal_sum_of_merged_ffns(dispatch):
+    torch.manual_seed(0)
+    experts = LoRAExperts(num_experts=4, hidden_size=12, intermediate_size=20, lora_rank=3, dispatch=dispatch)
+    with torch.no_grad():
+        for name in ("lora_B_gate", "lora_B_up", "lora_B_down"):
+            getattr(experts, name).normal_(std=0.5)
+    x = torch.randn(10, 12)
+    index, weight = random_routing(10, 4, 2)  # weights sum to 1, no null experts
+    out = experts(x, make_plan(index, weight, torch.ones_like(index, dtype=torch.bool), 4))
+    ref = torch.zeros_like(x)
+    with torch.no_grad():
+        for t in range(10):
+            for j in range(2):
+                w_gate_up, w_down = lora_expert_weights(experts, index[t, j])
+                ref[t] += weight[t, j] * swiglu(x[t], w_gate_up, w_down)
+    assert not torch.allclose(ref, swiglu(x, experts.gate_up_proj, experts.down_proj), atol=1e-3)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def run_block(expert_type, dispatch, seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = MoEConfig(num_experts=5, top_k=3, expert_type=expert_type, dispatch=dispatch, lora_rank=4, **kw)
+    block = SparseMoEBlock(cfg, hidden_size=16, intermediate_size=24, modalities=["text"])
+    if expert_type == "lora":
+        with torch.no_grad():
+            for name in ("lora_B_gate", "lora_B_up", "lora_B_down"):
+                getattr(block.experts, name).normal_(std=0.3)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(3, 8, 16, generator=g, requires_grad=True)
+    out = block(x)
+    loss = (out.hidden_states * torch.randn(3, 8, 16, generator=g)).sum() + out.aux_loss + out.z_loss
+    loss.backward()
+    grads = {n: p.grad for n, p in block.named_parameters() if p.requires_grad}
+    return out.hidden_states.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("expert_type", ["ffn", "lora"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"num_null_experts": 2}, {"routing": "topp", "top_p": 0.5}, {"capacity_factor": 0.5}],
+    ids=["topk", "null", "topp", "capacity"],
+)
+def test_dispatch_backends_agree(expert_type, extra):
+    out_a, gx_a, grads_a = run_block(expert_type, "loop", **extra)
+    out_b, gx_b, grads_b = run_block(expert_type, "grouped_mm", **extra)
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gx_a, gx_b, rtol=1e-5, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        assert grads_a[name] is not None, name
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("dispatch", BACKENDS)
+def test_experts_with_no_routed_tokens(dispatch):
+    experts = SwiGLUExperts(num_experts=3, hidden_size=8, intermediate_size=8, dispatch=dispatch)
+    x = torch.randn(4, 8, requires_grad=True)
+    index = torch.zeros(4, 1, dtype=torch.long)
+    plan = make_plan(index, torch.ones(4, 1), torch.zeros(4, 1, dtype=torch.bool), 3)  # nothing computed
+    out = experts(x, plan)
+    assert out.shape == (4, 8) and (out == 0).all()

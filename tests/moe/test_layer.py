@@ -1,0 +1,118 @@
+"""The whole block: null experts, configuration errors, every expert type, and the benchmark's smoke mode."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from unimoe.errors import ConfigError
+from unimoe.moe import EXPERTS, MoEConfig, SparseMoEBlock
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.parametrize("expert_type", ["ffn", "lora"])
+@pytest.mark.parametrize("dispatch", ["loop", "grouped_mm"])
+def test_null_experts_give_zero_output_and_cost_no_flops(expert_type, dispatch):
+    hidden, tokens = 16, 10
+    cfg = MoEConfig(
+        num_experts=4,
+        num_null_experts=1,
+        top_k=1,
+        expert_type=expert_type,
+        dispatch=dispatch,
+        router_bias_update_rate=0.01,  # turns on the selection bias
+    )
+    block = SparseMoEBlock(cfg, hidden_size=hidden, intermediate_size=32, modalities=["text"])
+    with torch.no_grad():
+        block.router_bias[4] = 10.0  # every token selects the null expert
+    x = torch.randn(1, tokens, hidden)
+    with FlopCounterMode(display=False) as counter:
+        out = block(x, output_stats=True)
+    router_flops = 2 * tokens * hidden * cfg.num_total_experts
+    if expert_type == "ffn":
+        assert counter.get_total_flops() == router_flops  # only the router matmul
+        assert (out.hidden_states == 0).all()
+    else:
+        # LoRA experts: a null expert adds no delta, so the output is the frozen FFN and no LoRA product runs
+        frozen = 2 * tokens * hidden * 32 * 3
+        assert counter.get_total_flops() == router_flops + frozen
+    assert out.stats.load.tolist() == [0, 0, 0, 0, tokens]
+    assert float(out.stats.null_share) == 1.0
+    assert out.aux_loss > 0  # the null expert is counted in the balance loss
+
+
+def test_null_experts_are_counted_in_balance_loss():
+    cfg = MoEConfig(num_experts=2, num_null_experts=2, top_k=1, router_bias_update_rate=0.01)
+    block = SparseMoEBlock(cfg, hidden_size=8, intermediate_size=8, modalities=["text"])
+    with torch.no_grad():
+        block.router.weight.zero_()  # uniform probabilities: P_e = 1/4
+        block.router_bias[3] = 1.0  # all slots to null expert 3: f = (0, 0, 0, 1)
+    out = block(torch.randn(1, 6, 8))
+    torch.testing.assert_close(out.aux_loss, torch.tensor(4 * 0.25))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_experts": 4, "top_k": 5}, "top_k"),
+        ({"expert_type": "nope"}, "expert_type"),
+        ({"routing": "sinkhorn"}, "routing"),
+        ({"num_experts": 4, "modality_experts": {"image": [4]}}, "modality_experts"),
+        ({"num_experts": 4, "modality_experts": {"image": []}}, "modality_experts"),
+        ({"dispatch": "triton"}, "dispatch"),
+        ({"top_p": 0.0}, "top_p"),
+    ],
+)
+def test_impossible_configs_raise_config_error_naming_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=f"moe.{field}"):
+        MoEConfig(**kwargs)
+
+
+def test_unknown_config_key_raises():
+    with pytest.raises(ConfigError, match="bogus"):
+        MoEConfig.from_dict({"bogus": 1})
+
+
+@pytest.mark.parametrize("expert_type", EXPERTS.names())
+def test_forward_backward_every_expert_type(expert_type):
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=4, top_k=2, expert_type=expert_type, num_shared_experts=1, shared_expert_gate=True)
+    block = SparseMoEBlock(cfg, hidden_size=16, intermediate_size=32, modalities=["text"])
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    out = block(x)
+    assert out.hidden_states.shape == x.shape
+    (out.hidden_states.pow(2).sum() + out.aux_loss + out.z_loss).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    trainable = [(n, p) for n, p in block.named_parameters() if p.requires_grad]
+    assert trainable
+    for name, p in trainable:
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert block.router.weight.grad.abs().sum() > 0
+
+
+def test_bench_quick_writes_json(tmp_path):
+    out = tmp_path / "moe.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "moe_layer.py"), "--quick", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert {"torch", "threads", "cpu"} <= set(report["env"])
+    names = [c["case"] for c in report["cases"]]
+    assert names == ["E8-top2", "E64-top8", "lora-E8-r16-top2", "decode-E8"]
+    for case in report["cases"]:
+        assert {"case", "ms", "ratio_vs_dense", "target", "meets_target"} <= set(case)
+        assert {"dense", "unimoe", "unimoe_loop", "unimoe_grouped_mm", "hf_eager", "hf_grouped_mm"} <= set(case["ms"])
+        assert all(v > 0 for v in case["ms"].values())
+        assert case["ratio_vs_dense"]["dense"] == pytest.approx(1.0)
+        assert isinstance(case["meets_target"], bool)
+    assert "E8-top2" in proc.stdout  # the table
