@@ -4,7 +4,7 @@
 ``AutoModelForCausalLM.from_pretrained(dir)`` loads UniMoE checkpoints with no path edits.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoProcessor
 
 from unimoe.configuration_unimoe import UniMoEConfig
 from unimoe.errors import CheckpointError, ConfigError, HubError, UniMoEError
@@ -16,11 +16,13 @@ from unimoe.modeling_unimoe import (
     count_parameters,
 )
 from unimoe.presets import build_config, build_model, list_presets
+from unimoe.processing_unimoe import UniMoEProcessor
 
 __version__ = "0.1.0"
 
 AutoConfig.register("unimoe", UniMoEConfig, exist_ok=True)
 AutoModelForCausalLM.register(UniMoEConfig, UniMoEForConditionalGeneration, exist_ok=True)
+AutoProcessor.register(UniMoEConfig, UniMoEProcessor, exist_ok=True)
 
 __all__ = [
     "CheckpointError",
@@ -32,6 +34,7 @@ __all__ = [
     "UniMoEForConditionalGeneration",
     "UniMoEModel",
     "UniMoEPreTrainedModel",
+    "UniMoEProcessor",
     "build_config",
     "build_model",
     "count_parameters",

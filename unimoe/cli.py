@@ -91,6 +91,35 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from unimoe.inference import init_checkpoint
+    from unimoe.presets import parse_cli_overrides
+
+    out = init_checkpoint(
+        args.preset, args.out, parse_cli_overrides(args.overrides), tokenizer_path=args.tokenizer, seed=args.seed
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from unimoe.inference import chat, load_pretrained
+
+    model, processor = load_pretrained(args.model)
+    answer = chat(
+        model,
+        processor,
+        args.prompt,
+        args.file,
+        modalities=[args.modality] if args.modality else None,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    print(answer)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from unimoe.quickstart import run_quickstart
 
@@ -127,6 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("repo_id")
     p.add_argument("--private", action="store_true")
     p.set_defaults(func=cmd_push)
+
+    p = sub.add_parser("init", help="write a randomly initialized checkpoint of a preset (model, processor, tokenizer)")
+    p.add_argument("preset", help="preset name or YAML file")
+    p.add_argument("out", help="output directory")
+    p.add_argument("overrides", nargs="*", help="key=value overrides")
+    p.add_argument("--tokenizer", default=None, help="tokenizer directory (presets without a built-in tokenizer)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("chat", help="answer one prompt with optional media files")
+    p.add_argument("model", help="checkpoint directory or Hub id")
+    p.add_argument("prompt")
+    p.add_argument("--file", action="append", default=[], help="a media file (repeatable)")
+    p.add_argument("--modality", default=None, help="override the modality guessed from the file suffix")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("quickstart", help="build, exercise, save and reload the tiny model")
     p.add_argument("--out", default="runs/quickstart")

@@ -11,6 +11,10 @@ class ConfigError(UniMoEError, ValueError):
     """An impossible or unknown configuration value. The message names the field and what to change."""
 
 
+class InputError(UniMoEError, ValueError):
+    """Model inputs that do not fit together (e.g. media parts and placeholder tokens that do not match)."""
+
+
 class CheckpointError(UniMoEError, ValueError):
     """A checkpoint directory that is missing, incomplete or not a UniMoE / supported dense checkpoint."""
 

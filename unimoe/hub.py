@@ -160,9 +160,10 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
-        if tokenizer is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
-            model.generation_config.eos_token_id = tokenizer.eos_token_id
+        tok = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
+        if tok is not None:
+            model.generation_config.pad_token_id = tok.pad_token_id
+            model.generation_config.eos_token_id = tok.eos_token_id
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
         if processor is not None:
             processor.save_pretrained(tmp)

@@ -25,6 +25,7 @@ from unimoe.configuration_unimoe import UniMoEConfig, strip_component_keys
 from unimoe.connectors import build_connector
 from unimoe.encoders import build_encoder
 from unimoe.moe import LoRAExperts, MoEConfig, RouterStats, SparseMoEBlock, SwiGLUExperts
+from unimoe.errors import InputError
 from unimoe.registry import Registry
 
 
@@ -327,7 +328,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
             positions = input_ids == token_id  # (B, S)
             n_slots = int(positions.sum())
             if n_slots != tokens.shape[0]:
-                raise ValueError(
+                raise InputError(
                     f"{modality}: the prompt has {n_slots} placeholder tokens but the media give {tokens.shape[0]} "
                     "tokens; build inputs with UniMoEProcessor so placeholders are expanded to match"
                 )
@@ -460,6 +461,11 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             router_stats=outputs.router_stats,
         )
+
+    def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
+        # media inputs reach forward through **kwargs, which generate's strict check does not see
+        media = media_keys(self.config)
+        super()._validate_model_kwargs({k: v for k, v in model_kwargs.items() if k not in media})
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, modality_ids=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)

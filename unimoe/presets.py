@@ -13,7 +13,8 @@ import yaml
 from unimoe.configuration_unimoe import UniMoEConfig
 from unimoe.errors import ConfigError
 
-PRESET_KEYS = {"description", "text_config", "moe", "modalities", "tokenizer"}
+PRESET_KEYS = {"description", "text_config", "moe", "modalities", "tokenizer", "encoders", "connectors"}
+CONFIG_KEYS = ("text_config", "moe", "modalities", "encoders", "connectors", "media_token_ids")
 
 
 def _models_dir() -> Path:
@@ -78,7 +79,12 @@ def build_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None =
     unknown = sorted(set(data) - PRESET_KEYS)
     if unknown:
         raise ConfigError(f"unknown override key(s) {unknown}; allowed: {', '.join(sorted(PRESET_KEYS))}")
-    fields = {k: v for k, v in data.items() if k in ("text_config", "moe", "modalities")}
+    fields = {k: v for k, v in data.items() if k in CONFIG_KEYS}
+    if data.get("encoders") and (data.get("tokenizer") or {}).get("kind") == "bpe":
+        # the built-in tokenizer's special tokens have fixed ids (they are added first, in a fixed order)
+        from unimoe.tokenizer import builtin_media_token_ids
+
+        fields.setdefault("media_token_ids", {m: i for m, i in builtin_media_token_ids().items() if m in data["encoders"]})
     return UniMoEConfig(**fields)
 
 

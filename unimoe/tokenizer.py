@@ -65,6 +65,11 @@ _WORDS = (
 ).split()
 
 
+def builtin_media_token_ids() -> dict[str, int]:
+    """Ids of the media placeholders in tokenizers from :func:`build_tokenizer` (special tokens come first)."""
+    return {m: SPECIAL_TOKENS.index(t) for m, t in MEDIA_TOKENS.items()}
+
+
 def builtin_corpus() -> list[str]:
     """A few thousand short English lines covering the vocabulary of the built-in tasks."""
     lines = [" ".join(_WORDS), " ".join(_NUMBER_WORDS)]

@@ -1,0 +1,114 @@
+"""Creating and using checkpoints: ``init_checkpoint`` (a random model of a preset, ready for every command),
+``load_pretrained`` (model + processor) and ``chat`` (single-turn multimodal inference)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from unimoe.errors import CheckpointError, ConfigError
+from unimoe.hub import check_checkpoint_dir, save_checkpoint
+
+
+def init_checkpoint(
+    preset: str | Path,
+    out: str | Path,
+    overrides: dict[str, Any] | None = None,
+    *,
+    tokenizer_path: str | Path | None = None,
+    seed: int = 0,
+    extra_text: Sequence[str] = (),
+) -> Path:
+    """Write a randomly initialized checkpoint of a preset: model, processor, tokenizer, chat template, card."""
+    from unimoe.presets import apply_overrides, build_model, load_preset
+    from unimoe.processing_unimoe import UniMoEProcessor
+    from unimoe.tokenizer import build_tokenizer
+
+    preset_data = apply_overrides(load_preset(preset), overrides or {})
+    tok_spec = preset_data.get("tokenizer") or {}
+    if tokenizer_path is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path))
+    elif tok_spec.get("kind") == "bpe":
+        tokenizer = build_tokenizer(extra_text, vocab_size=int(tok_spec.get("vocab_size", 512)))
+    else:
+        raise ConfigError(
+            f"preset {preset}: has no built-in tokenizer (tokenizer.kind: bpe); pass a tokenizer directory "
+            "(--tokenizer) or upcycle a real checkpoint"
+        )
+    model = build_model(preset, overrides, seed=seed)
+    if len(tokenizer) > model.config.text_config.vocab_size:
+        raise ConfigError(
+            f"text_config.vocab_size: {model.config.text_config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
+        )
+    processor = UniMoEProcessor.from_model_config(tokenizer, model.config)
+    for modality, token_id in processor.media_token_ids.items():
+        if model.config.media_token_ids.get(modality) != token_id:
+            raise ConfigError(f"media_token_ids.{modality}: the config says "
+                              f"{model.config.media_token_ids.get(modality)}, the tokenizer says {token_id}")
+    name = Path(out).name
+    return save_checkpoint(model, out, processor=processor, model_name=name,
+                           notes=f"Randomly initialized from the `{Path(str(preset)).stem}` preset (seed {seed}).")
+
+
+def load_pretrained(path: str | Path, *, device: str | torch.device | None = None, **kwargs: Any):
+    """``(model, processor)`` from a local checkpoint directory or a Hub id (safetensors only)."""
+    from transformers import AutoProcessor
+
+    from unimoe.hub import load_model
+
+    model = load_model(path, **kwargs).eval()
+    if device is not None:
+        model = model.to(device)
+    try:
+        processor = AutoProcessor.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path}: no usable processor/tokenizer files ({str(err).splitlines()[0]})") from err
+    return model, processor
+
+
+@torch.no_grad()
+def chat(
+    model,
+    processor,
+    prompt: str,
+    files: Sequence[str | Path] = (),
+    *,
+    modalities: Sequence[str | None] | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int | None = None,
+) -> str:
+    """Answer one user turn with text and media files (modality from the suffix unless given)."""
+    from unimoe.processing_unimoe import guess_modality
+
+    modalities = list(modalities or [None] * len(files))
+    if len(modalities) not in (1, len(files)):
+        raise ConfigError("--modality: give one for all files or one per file")
+    if len(modalities) == 1 and len(files) > 1:
+        modalities = modalities * len(files)
+    content = []
+    for path, modality in zip(files, modalities):
+        content.append({"type": modality or guess_modality(path), "path": str(path)})
+    content.append({"type": "text", "text": prompt})
+    inputs = processor([{"role": "user", "content": content}], add_generation_prompt=True, return_labels=False)
+    inputs = inputs.to(model.device)
+    if seed is not None:
+        torch.manual_seed(seed)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    generated = model.generate(
+        **inputs,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=processor.tokenizer.pad_token_id,
+        eos_token_id=processor.tokenizer.eos_token_id,
+        **sampling,
+    )
+    new_tokens = generated[0, inputs["input_ids"].shape[1] :]
+    return processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+
+
+__all__ = ["chat", "check_checkpoint_dir", "init_checkpoint", "load_pretrained"]

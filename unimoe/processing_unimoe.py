@@ -1,0 +1,230 @@
+"""``UniMoEProcessor``: chat messages with media → model inputs.
+
+For each conversation it renders the chat template (one placeholder token per media part), loads and preprocesses
+every media part with its modality's encoder class (a clear :class:`MediaError` for bad files), expands each
+placeholder into the number of tokens the connector will produce, puts labels on assistant turns only, and
+batches with left padding. Media of every modality, several per message, mix freely in one batch.
+
+A message part is ``{"type": "text", "text": ...}`` or ``{"type": <modality>, "path" | "bytes" | "array" |
+<modality>: ...}`` (``"image": PIL image``, ``"audio": (waveform, rate)``, ...).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from unimoe.configuration_unimoe import strip_component_keys
+from unimoe.connectors import connector_tokens
+from unimoe.encoders import MediaError, encoder_class
+from unimoe.errors import ConfigError, InputError
+
+IGNORE_INDEX = -100
+DEFAULT_MAX_FILE_BYTES = 256 * 1024 * 1024
+
+#: File suffix → modality, for callers that only have a path (the CLI, the demo).
+SUFFIX_MODALITY = {
+    **dict.fromkeys([".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"], "image"),
+    **dict.fromkeys([".wav", ".flac", ".ogg", ".mp3"], "audio"),
+    **dict.fromkeys([".mp4", ".webm", ".avi", ".mov", ".mkv", ".gif"], "video"),
+    **dict.fromkeys([".ply", ".obj", ".off", ".stl", ".xyz", ".pts"], "points"),
+    **dict.fromkeys([".csv", ".tsv"], "series"),
+}
+
+
+def guess_modality(path: str | Path) -> str:
+    """The modality of a file from its suffix (a directory of frames is a video; ``.npy`` is a point cloud when
+    it is ``(N, 3|6|9)``, else a time series)."""
+    path = Path(path)
+    if path.is_dir():
+        return "video"
+    suffix = path.suffix.lower()
+    if suffix == ".npy":
+        import numpy as np
+
+        try:
+            array = np.load(path, allow_pickle=False, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            raise MediaError(path, f"not a readable .npy array ({err})") from None
+        return "points" if array.ndim == 2 and array.shape[1] in (3, 6, 9) else "series"
+    if suffix not in SUFFIX_MODALITY:
+        raise MediaError(path, f"cannot tell the modality of a {suffix or 'suffix-less'} file; pass --modality")
+    return SUFFIX_MODALITY[suffix]
+
+
+class UniMoEProcessor(ProcessorMixin):
+    """Args:
+    tokenizer: a tokenizer with the media placeholder tokens and a chat template.
+    media_config: ``{"encoders": {modality: spec}, "connectors": {modality: spec}, "media_tokens":
+        {modality: token}, "modalities": [names in modality-id order], "max_file_bytes": int}`` — the encoder / connector specs of the model config (use
+        :meth:`from_model_config`).
+    """
+
+    def __init__(self, tokenizer=None, media_config: dict | None = None, chat_template: str | None = None, **kwargs):
+        self.media_config = dict(media_config or {})
+        if chat_template is None and tokenizer is not None:
+            chat_template = tokenizer.chat_template
+        super().__init__(tokenizer, chat_template=chat_template)
+        self._setup()
+
+    @classmethod
+    def from_model_config(cls, tokenizer, config, *, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES):
+        from unimoe.tokenizer import MEDIA_TOKENS
+
+        media_tokens = {m: MEDIA_TOKENS[m] for m in config.encoders}
+        return cls(
+            tokenizer,
+            media_config={
+                "encoders": {m: strip_component_keys(s) for m, s in config.encoders.items()},
+                "connectors": {m: strip_component_keys(s) for m, s in config.connectors.items()},
+                "media_tokens": media_tokens,
+                "modalities": list(config.modalities),
+                "max_file_bytes": max_file_bytes,
+            },
+        )
+
+    def _setup(self) -> None:
+        cfg = self.media_config
+        self.max_file_bytes = cfg.get("max_file_bytes", DEFAULT_MAX_FILE_BYTES)
+        self._encoders: dict[str, tuple[type, Any]] = {}
+        self._tokens_per_unit: dict[str, int] = {}
+        for modality, spec in cfg.get("encoders", {}).items():
+            cls, enc_cfg = encoder_class(spec, modality)
+            self._encoders[modality] = (cls, enc_cfg)
+            self._tokens_per_unit[modality] = connector_tokens(
+                modality, cfg.get("connectors", {}).get(modality, {"type": "mlp"}), cls.tokens_per_unit(enc_cfg)
+            )
+        self.media_token_ids: dict[str, int] = {}
+        if self.tokenizer is not None:
+            for modality, token in cfg.get("media_tokens", {}).items():
+                token_id = self.tokenizer.convert_tokens_to_ids(token)
+                if token_id is None or token_id == self.tokenizer.unk_token_id:
+                    raise ConfigError(f"media_tokens.{modality}: token {token!r} is not in the tokenizer")
+                self.media_token_ids[modality] = token_id
+
+    @property
+    def modalities(self) -> list[str]:
+        return list(self._encoders)
+
+    # ------------------------------------------------------------------ media
+    def load_part(self, part: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Load and preprocess one media part → ``{"values": (U, ...), ["mask": (U, ...)]}``."""
+        modality = part["type"]
+        cls, enc_cfg = self._encoders[modality]
+        media = cls.load(_part_source(part), enc_cfg, max_bytes=self.max_file_bytes)
+        return cls.preprocess(media, enc_cfg)
+
+    def num_media_tokens(self, modality: str, features: dict[str, torch.Tensor]) -> int:
+        return features["values"].shape[0] * self._tokens_per_unit[modality]
+
+    # ------------------------------------------------------------------ text + media
+    def __call__(
+        self,
+        conversations: Sequence[dict] | Sequence[Sequence[dict]],
+        *,
+        add_generation_prompt: bool = False,
+        return_labels: bool = True,
+        return_tensors: str = "pt",
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """One conversation (a list of messages) or a batch of them → ``input_ids``, ``attention_mask``,
+        ``modality_ids``, ``labels`` (assistant tokens only) and ``{modality}_values`` / ``{modality}_mask``."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        rows, media = [], {}
+        for chat in conversations:
+            ids, labels = self._encode_chat(list(chat), add_generation_prompt, media)
+            rows.append((ids, labels))
+        return self._collate(rows, media, return_labels)
+
+    def _encode_chat(self, chat: list[dict], add_generation_prompt: bool, media: dict[str, list]) -> tuple:
+        parts = [
+            p for message in chat if isinstance(message.get("content"), list) for p in message["content"]
+            if p.get("type", "text") != "text"
+        ]  # fmt: skip
+        for part in parts:
+            if part["type"] not in self._encoders:
+                raise MediaError(
+                    _part_source(part),
+                    f"this model has no {part['type']!r} encoder (it takes: {', '.join(self.modalities) or 'text only'})",
+                )
+        enc = self.tokenizer.apply_chat_template(
+            chat,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
+            add_generation_prompt=add_generation_prompt,
+        )
+        ids, assistant = enc["input_ids"], enc["assistant_masks"]
+        id_to_modality = {v: k for k, v in self.media_token_ids.items()}
+        placeholders = [i for i, t in enumerate(ids) if t in id_to_modality]
+        if len(placeholders) != len(parts):
+            raise InputError(
+                f"the conversation has {len(parts)} media parts but {len(placeholders)} placeholder tokens "
+                "(is a media placeholder token written literally in the text?)"
+            )
+        out_ids, out_labels = [], []
+        part_iter = iter(parts)
+        for token, is_assistant in zip(ids, assistant):
+            if token in id_to_modality:
+                part = next(part_iter)
+                modality = id_to_modality[token]
+                if part["type"] != modality:
+                    raise MediaError(_part_source(part), f"media part of type {part['type']!r} has no placeholder")
+                features = self.load_part(part)
+                media.setdefault(modality, []).append(features)
+                n = self.num_media_tokens(modality, features)
+                out_ids += [token] * n
+                out_labels += [IGNORE_INDEX] * n
+            else:
+                out_ids.append(token)
+                out_labels.append(token if is_assistant else IGNORE_INDEX)
+        return out_ids, out_labels
+
+    def _collate(self, rows: list[tuple], media: dict[str, list], return_labels: bool) -> BatchFeature:
+        pad_id = self.tokenizer.pad_token_id
+        length = max(len(ids) for ids, _ in rows)
+        left = self.tokenizer.padding_side == "left"
+        input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, (ids, lab) in enumerate(rows):
+            span = slice(length - len(ids), length) if left else slice(0, len(ids))
+            input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+            labels[i, span] = torch.tensor(lab, dtype=torch.long)
+            attention_mask[i, span] = 1
+        modality_ids = torch.zeros_like(input_ids)
+        for modality, token_id in self.media_token_ids.items():
+            modality_ids[input_ids == token_id] = self._modality_index(modality)
+        data = {"input_ids": input_ids, "attention_mask": attention_mask, "modality_ids": modality_ids}
+        if return_labels:
+            data["labels"] = labels
+        for modality, items in media.items():
+            data[f"{modality}_values"] = torch.cat([f["values"] for f in items])
+            if "mask" in items[0]:
+                data[f"{modality}_mask"] = torch.cat([f["mask"] for f in items])
+        return BatchFeature(data=data)
+
+    def _modality_index(self, modality: str) -> int:
+        from unimoe.configuration_unimoe import DEFAULT_MODALITIES
+
+        order = self.media_config.get("modalities", DEFAULT_MODALITIES)
+        return order.index(modality)
+
+    def model_input_names(self) -> list[str]:  # type: ignore[override]
+        return ["input_ids", "attention_mask", "modality_ids"] + [f"{m}_values" for m in self.modalities]
+
+
+def _part_source(part: dict[str, Any]) -> Any:
+    for key in ("path", "bytes", "array", part.get("type", "")):
+        if key and part.get(key) is not None:
+            return part[key]
+    raise MediaError(part.get("type", "media"), "message part has no 'path', 'bytes' or 'array'")
+
+
+__all__ = ["IGNORE_INDEX", "SUFFIX_MODALITY", "UniMoEProcessor", "guess_modality"]
