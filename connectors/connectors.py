@@ -91,6 +91,7 @@ class QueryResampler(nn.Module):
     """Learnable queries in the LLM width cross-attending to the (projected) encoder tokens."""
 
     Config = QueryResamplerConfig
+    accepts_token_mask = True
 
     def __init__(self, config: QueryResamplerConfig, *, input_dim: int, output_dim: int):
         super().__init__()

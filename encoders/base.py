@@ -122,7 +122,13 @@ class MediaEncoder(nn.Module):
         if not file.is_file() or file.suffix != ".safetensors":
             raise ConfigError(f"{self.modality} encoder pretrained: {path} is not a .safetensors file or directory")
         state = load_file(str(file))
-        missing, unexpected = self.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+            raise ConfigError(
+                f"{self.modality} encoder pretrained: {file} does not match the encoder ({detail})"
+            ) from None
         if missing or unexpected:
             raise ConfigError(
                 f"{self.modality} encoder pretrained: {file} does not match the encoder "

@@ -10,8 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import ENCODERS, MediaEncoder, MediaError, check_size
 from unimoe.errors import ConfigError
+
+from .base import ENCODERS, MediaEncoder, MediaError, check_size
 
 
 @dataclass
@@ -141,11 +142,16 @@ class ImageEncoder(MediaEncoder):
             state = {k.removeprefix("vit."): v for k, v in state.items()}
         if self.config.backend == "open_clip":
             state = {k.removeprefix("visual."): v for k, v in state.items() if not k.startswith("transformer.")}
-        missing, unexpected = self.vit.load_state_dict(state, strict=False)
+        try:
+            missing, unexpected = self.vit.load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shape mismatches
+            detail = str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else str(err)
+            raise ConfigError(
+                f"{self.modality} encoder pretrained: {file} does not match the encoder ({detail})"
+            ) from None
         missing = [k for k in missing if not k.startswith("head")]
         if missing or unexpected:
             raise ConfigError(
                 f"image encoder pretrained: {file} does not match {self.config.model_name} "
                 f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
             )
-

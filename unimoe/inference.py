@@ -42,17 +42,23 @@ def init_checkpoint(
         )
     model = build_model(preset, overrides, seed=seed)
     if len(tokenizer) > model.config.text_config.vocab_size:
-        raise ConfigError(
-            f"text_config.vocab_size: {model.config.text_config.vocab_size} is smaller than the tokenizer ({len(tokenizer)})"
-        )
+        vocab = model.config.text_config.vocab_size
+        raise ConfigError(f"text_config.vocab_size: {vocab} is smaller than the tokenizer ({len(tokenizer)})")
     processor = UniMoEProcessor.from_model_config(tokenizer, model.config)
     for modality, token_id in processor.media_token_ids.items():
         if model.config.media_token_ids.get(modality) != token_id:
-            raise ConfigError(f"media_token_ids.{modality}: the config says "
-                              f"{model.config.media_token_ids.get(modality)}, the tokenizer says {token_id}")
+            raise ConfigError(
+                f"media_token_ids.{modality}: the config says "
+                f"{model.config.media_token_ids.get(modality)}, the tokenizer says {token_id}"
+            )
     name = Path(out).name
-    return save_checkpoint(model, out, processor=processor, model_name=name,
-                           notes=f"Randomly initialized from the `{Path(str(preset)).stem}` preset (seed {seed}).")
+    return save_checkpoint(
+        model,
+        out,
+        processor=processor,
+        model_name=name,
+        notes=f"Randomly initialized from the `{Path(str(preset)).stem}` preset (seed {seed}).",
+    )
 
 
 def load_pretrained(path: str | Path, *, device: str | torch.device | None = None, **kwargs: Any):

@@ -24,8 +24,8 @@ from transformers.utils import ModelOutput
 from unimoe.configuration_unimoe import UniMoEConfig, strip_component_keys
 from unimoe.connectors import build_connector
 from unimoe.encoders import build_encoder
-from unimoe.moe import LoRAExperts, MoEConfig, RouterStats, SparseMoEBlock, SwiGLUExperts
 from unimoe.errors import InputError
+from unimoe.moe import LoRAExperts, MoEConfig, RouterStats, SparseMoEBlock, SwiGLUExperts
 from unimoe.registry import Registry
 
 
@@ -320,7 +320,11 @@ class UniMoEModel(UniMoEPreTrainedModel):
                 continue
             mask = media.get(f"{modality}_mask")
             tokens = encoder(values.to(inputs_embeds.dtype if values.is_floating_point() else values.dtype), mask)
-            tokens = self.connectors[modality](tokens)  # (U, T', H)
+            connector = self.connectors[modality]
+            if getattr(connector, "accepts_token_mask", False) and mask is not None and mask.shape == tokens.shape[:2]:
+                tokens = connector(tokens, mask.bool())  # e.g. the resampler ignores an audio window's padding
+            else:
+                tokens = connector(tokens)  # (U, T', H)
             tokens = tokens.reshape(-1, tokens.shape[-1]).to(inputs_embeds.dtype)  # (U*T', H)
             token_id = self.config.media_token_ids.get(modality)
             if token_id is None:

@@ -84,7 +84,9 @@ def build_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None =
         # the built-in tokenizer's special tokens have fixed ids (they are added first, in a fixed order)
         from unimoe.tokenizer import builtin_media_token_ids
 
-        fields.setdefault("media_token_ids", {m: i for m, i in builtin_media_token_ids().items() if m in data["encoders"]})
+        fields.setdefault(
+            "media_token_ids", {m: i for m, i in builtin_media_token_ids().items() if m in data["encoders"]}
+        )
     return UniMoEConfig(**fields)
 
 

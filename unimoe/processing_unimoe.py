@@ -61,8 +61,8 @@ class UniMoEProcessor(ProcessorMixin):
     """Args:
     tokenizer: a tokenizer with the media placeholder tokens and a chat template.
     media_config: ``{"encoders": {modality: spec}, "connectors": {modality: spec}, "media_tokens":
-        {modality: token}, "modalities": [names in modality-id order], "max_file_bytes": int}`` — the encoder / connector specs of the model config (use
-        :meth:`from_model_config`).
+        {modality: token}, "modalities": [names in modality-id order], "max_file_bytes": int}`` — the encoder and
+        connector specs of the model config (use :meth:`from_model_config`).
     """
 
     def __init__(self, tokenizer=None, media_config: dict | None = None, chat_template: str | None = None, **kwargs):
@@ -149,10 +149,8 @@ class UniMoEProcessor(ProcessorMixin):
         ]  # fmt: skip
         for part in parts:
             if part["type"] not in self._encoders:
-                raise MediaError(
-                    _part_source(part),
-                    f"this model has no {part['type']!r} encoder (it takes: {', '.join(self.modalities) or 'text only'})",
-                )
+                takes = ", ".join(self.modalities) or "text only"
+                raise MediaError(_part_source(part), f"this model has no {part['type']!r} encoder (it takes: {takes})")
         enc = self.tokenizer.apply_chat_template(
             chat,
             tokenize=True,

@@ -1,0 +1,134 @@
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoProcessor
+
+import unimoe
+from unimoe.encoders import MediaError
+from unimoe.errors import InputError
+from unimoe.processing_unimoe import IGNORE_INDEX, UniMoEProcessor, guess_modality
+
+
+@pytest.fixture
+def model():
+    return unimoe.build_model("tiny", seed=0).eval()
+
+
+@pytest.fixture
+def processor(tokenizer, model):
+    return UniMoEProcessor.from_model_config(tokenizer, model.config)
+
+
+def png(seed=0, size=(24, 24)):
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (*size, 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_chat(answer="seven", n_images=1, seed=0):
+    content = [{"type": "image", "bytes": png(seed + i)} for i in range(n_images)]
+    content.append({"type": "text", "text": "What digit is this?"})
+    return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+
+
+def test_placeholders_expand_to_connector_tokens(processor, model):
+    batch = processor([image_chat()])
+    image_id = processor.media_token_ids["image"]
+    per_image = model.model.connectors["image"].num_tokens(
+        model.model.connectors["image"].config,
+        type(model.model.encoders["image"]).tokens_per_unit(model.model.encoders["image"].config),
+    )
+    assert int((batch["input_ids"] == image_id).sum()) == per_image == 16
+    assert batch["image_values"].shape == (1, 3, 32, 32)
+    assert torch.equal(batch["modality_ids"] == 1, batch["input_ids"] == image_id)
+    out = model(**batch)
+    assert out.loss is not None and torch.isfinite(out.loss)
+
+
+def test_labels_cover_assistant_turns_only(processor):
+    batch = processor([image_chat("seven")])
+    labelled = batch["input_ids"][batch["labels"] != IGNORE_INDEX]
+    assert processor.tokenizer.decode(labelled) == "seven<|im_end|>"
+    assert (batch["labels"][batch["input_ids"] == processor.media_token_ids["image"]] == IGNORE_INDEX).all()
+
+
+def test_several_media_interleaved_and_mixed_batch(processor, model):
+    chat_two = [
+        {"role": "user", "content": [
+            {"type": "text", "text": "first"}, {"type": "image", "bytes": png(1)},
+            {"type": "text", "text": "then"}, {"type": "image", "array": np.zeros((8, 8, 3), np.uint8)},
+        ]},
+        {"role": "assistant", "content": "two images"},
+    ]  # fmt: skip
+    text_only = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi"}]
+    batch = processor([chat_two, text_only, image_chat(seed=5)])
+    assert batch["image_values"].shape[0] == 3
+    assert (batch["input_ids"] == processor.media_token_ids["image"]).sum(1).tolist() == [32, 0, 16]
+    assert batch["attention_mask"][1].sum() < batch["attention_mask"][0].sum()
+    assert batch["attention_mask"][1, 0] == 0  # left padding
+    out = model(**batch, output_router_stats=True)
+    out.loss.backward()
+    assert out.router_stats[0].load_per_modality[1].sum() == 48 * 2  # image tokens x top-2
+
+
+def test_batch_does_not_change_a_conversations_logits(processor, model):
+    alone = processor([image_chat(seed=3)])
+    both = processor([image_chat("a much longer answer than the other one", seed=9), image_chat(seed=3)])
+    with torch.no_grad():
+        a = model(**alone).logits[0, -1]
+        b = model(**both).logits[1, -1]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_generation_prompt_and_generate(processor, model):
+    batch = processor([image_chat()[:1]], add_generation_prompt=True, return_labels=False)
+    assert "labels" not in batch
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 4
+
+
+def test_save_load_round_trip(processor, tmp_path):
+    processor.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert isinstance(loaded, UniMoEProcessor)
+    assert loaded.media_config == processor.media_config
+    chat = [image_chat()]
+    a, b = processor(chat), loaded(chat)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_inputs(processor, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(png()[:50])
+    chat = [{"role": "user", "content": [{"type": "image", "path": str(bad)}]}]
+    with pytest.raises(MediaError, match="broken.png"):
+        processor(chat)
+    chat = [{"role": "user", "content": [{"type": "audio", "path": "x.wav"}]}]
+    with pytest.raises(MediaError, match="no 'audio' encoder|x.wav"):
+        UniMoEProcessor(
+            processor.tokenizer,
+            media_config={**processor.media_config, "encoders": {}, "connectors": {}, "media_tokens": {}},
+        )(chat)
+    literal = [{"role": "user", "content": "look: <|image|>"}]
+    with pytest.raises(InputError, match="placeholder"):
+        processor(literal)
+    big = tmp_path / "big.png"
+    big.write_bytes(png(size=(300, 300)))
+    small_limit = UniMoEProcessor(processor.tokenizer, media_config={**processor.media_config, "max_file_bytes": 1000})
+    with pytest.raises(MediaError, match="above the limit"):
+        small_limit([{"role": "user", "content": [{"type": "image", "path": str(big)}]}])
+
+
+def test_guess_modality(tmp_path):
+    assert guess_modality("a.PNG") == "image" and guess_modality("a.wav") == "audio"
+    assert guess_modality("a.gif") == "video" and guess_modality("a.ply") == "points"
+    assert guess_modality("a.csv") == "series" and guess_modality(tmp_path) == "video"
+    np.save(tmp_path / "cloud.npy", np.zeros((10, 3)))
+    np.save(tmp_path / "ts.npy", np.zeros(10))
+    assert guess_modality(tmp_path / "cloud.npy") == "points"
+    assert guess_modality(tmp_path / "ts.npy") == "series"
+    with pytest.raises(MediaError, match="--modality"):
+        guess_modality("a.xyzw")
