@@ -1,0 +1,341 @@
+"""Video encoder: deterministic uniform frame sampling from real files (mp4 / webm / avi / gif / frame folders),
+clear errors on bad inputs, forward + backward per pooling, pretrained loading and the connector hand-off."""
+
+from __future__ import annotations
+
+import os
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from unimoe.connectors.connectors import build_connector
+from unimoe.encoders import ENCODERS, MediaError, build_encoder, encoder_class
+from unimoe.encoders import video as video_mod
+from unimoe.encoders.video import VideoEncoder, VideoEncoderConfig, sample_indices
+from unimoe.errors import ConfigError
+
+STEP = 12  # gray level of frame i is i * STEP: decoded frames tell which index they are
+SIZE = 32
+TINY_IMAGE = {
+    "model_name": "vit_tiny_patch16_224",
+    "model_kwargs": {"embed_dim": 64, "depth": 2, "num_heads": 2},
+    "image_size": 32,
+    "patch_size": 8,
+}
+PATCHES = (32 // 8) ** 2
+
+
+def frame_array(i: int) -> np.ndarray:
+    return np.full((SIZE, SIZE, 3), i * STEP, np.uint8)
+
+
+def write_video(path, n: int, codec: str, fmt: str | None = None) -> str:
+    with av.open(str(path), "w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=10)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        for i in range(n):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame_array(i), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():  # flush delayed (B-) frames
+            container.mux(packet)
+    return str(path)
+
+
+def write_gif(path, n: int) -> str:
+    from PIL import Image
+
+    frames = [Image.fromarray(frame_array(i)) for i in range(n)]
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return str(path)
+
+
+def indices_of(frames) -> list[int]:
+    """Which source frame each decoded frame is (lossy codecs keep a flat gray within a level or two)."""
+    levels = [float(np.asarray(frame, dtype=np.float32).mean()) for frame in frames]
+    assert all(abs(level / STEP - round(level / STEP)) < 0.3 for level in levels), levels
+    return [round(level / STEP) for level in levels]
+
+
+def cfg(**kwargs) -> VideoEncoderConfig:
+    return VideoEncoderConfig(**{"num_frames": 4, "image": dict(TINY_IMAGE), **kwargs})
+
+
+# -- sampling -----------------------------------------------------------------------------------------------------
+
+
+def test_sample_indices_are_segment_centers():
+    assert sample_indices(20, 8) == [1, 3, 6, 8, 11, 13, 16, 18]
+    assert sample_indices(8, 8) == list(range(8))
+    assert sample_indices(3, 8) == [0, 0, 0, 1, 1, 2, 2, 2]  # short clip: frames repeat, in order
+    assert sample_indices(1, 4) == [0, 0, 0, 0]
+    assert sample_indices(1000, 1) == [500]
+
+
+@pytest.mark.parametrize(
+    ("name", "codec", "fmt"),
+    [("clip.mp4", "libx264", None), ("clip_mpeg4.mp4", "mpeg4", None), ("clip.webm", "libvpx", None),
+     ("clip.avi", "mpeg4", None)],
+)  # fmt: skip
+def test_video_files_give_the_uniformly_sampled_frames(tmp_path, name, codec, fmt):
+    if codec not in av.codecs_available:
+        pytest.skip(f"this av wheel has no {codec} encoder")
+    path = write_video(tmp_path / name, 20, codec, fmt)
+    frames = VideoEncoder.load(path, cfg(num_frames=8))
+    assert len(frames) == 8 and frames[0].mode == "RGB" and frames[0].size == (SIZE, SIZE)
+    assert indices_of(frames) == [1, 3, 6, 8, 11, 13, 16, 18]
+    assert indices_of(VideoEncoder.load(path, cfg(num_frames=8))) == indices_of(frames)  # deterministic
+    # the same bytes in memory give the same frames
+    with open(path, "rb") as f:
+        assert indices_of(VideoEncoder.load(f.read(), cfg(num_frames=8))) == [1, 3, 6, 8, 11, 13, 16, 18]
+
+
+def test_short_clip_repeats_frames(tmp_path):
+    path = write_video(tmp_path / "short.mp4", 3, "libx264")
+    assert indices_of(VideoEncoder.load(path, cfg(num_frames=8))) == [0, 0, 0, 1, 1, 2, 2, 2]
+
+
+def test_gif(tmp_path):
+    path = write_gif(tmp_path / "clip.gif", 10)
+    assert indices_of(VideoEncoder.load(path, cfg(num_frames=4))) == sample_indices(10, 4) == [1, 3, 6, 8]
+
+
+def test_unknown_frame_count_is_counted_and_overcount_is_resampled(tmp_path, monkeypatch):
+    path = write_video(tmp_path / "clip.mp4", 20, "mpeg4")
+    monkeypatch.setattr(video_mod, "_frame_count", lambda source: 0)  # a container without a count (webm, gif)
+    assert indices_of(VideoEncoder.load(path, cfg(num_frames=8))) == [1, 3, 6, 8, 11, 13, 16, 18]
+    monkeypatch.setattr(video_mod, "_frame_count", lambda source: 40)  # a header that over-counts
+    assert indices_of(VideoEncoder.load(path, cfg(num_frames=8))) == [1, 3, 6, 8, 11, 13, 16, 18]
+
+
+def test_only_sampled_frames_are_converted(tmp_path, monkeypatch):
+    path = write_video(tmp_path / "long.mp4", 21, "mpeg4")
+    converted = []
+    original = av.VideoFrame.to_image
+
+    def spy(frame, *args, **kwargs):
+        converted.append(frame)
+        return original(frame, *args, **kwargs)
+
+    monkeypatch.setattr(av.VideoFrame, "to_image", spy)
+    frames = VideoEncoder.load(path, cfg(num_frames=4))
+    assert indices_of(frames) == sample_indices(21, 4) == [2, 7, 13, 18]
+    assert len(converted) == 4
+
+
+def test_frame_folder_sorted_naturally(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(12):  # unpadded names: frame_2 must come before frame_10
+        Image.fromarray(frame_array(i)).save(folder / f"frame_{i}.png")
+    (folder / "notes.txt").write_text("not a frame")
+    assert indices_of(VideoEncoder.load(folder, cfg(num_frames=4))) == sample_indices(12, 4) == [1, 4, 7, 10]
+
+
+def test_arrays_and_lists(tmp_path):
+    from PIL import Image
+
+    clip = np.stack([frame_array(i) for i in range(6)])  # (T, H, W, C)
+    assert indices_of(VideoEncoder.load(clip, cfg(num_frames=3))) == [1, 3, 5]
+    assert indices_of(VideoEncoder.load(torch.from_numpy(clip), cfg(num_frames=3))) == [1, 3, 5]
+    images = [Image.fromarray(a) for a in clip]
+    assert indices_of(VideoEncoder.load(images, cfg(num_frames=3))) == [1, 3, 5]
+    assert indices_of(VideoEncoder.load(list(clip), cfg(num_frames=6))) == list(range(6))
+
+
+# -- bad inputs ---------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_media_error_naming_the_file(tmp_path):
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(os.urandom(4096))
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    missing = tmp_path / "missing.mp4"
+    folder = tmp_path / "no_frames"
+    folder.mkdir()
+    for source, problem in [
+        (corrupt, "not a readable video"),
+        (empty, "empty"),
+        (missing, "does not exist"),
+        (folder, "no frame images"),
+    ]:
+        with pytest.raises(MediaError) as info:
+            VideoEncoder.load(source, cfg())
+        assert str(source) in str(info.value) and problem in str(info.value), str(info.value)
+        assert info.value.__cause__ is None or isinstance(info.value.__cause__, MediaError)
+
+
+def test_no_video_stream_and_no_frames(tmp_path):
+    wav = tmp_path / "speech.wav"
+    with av.open(str(wav), "w") as container:
+        stream = container.add_stream("pcm_s16le", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame.sample_rate = 8000
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    with pytest.raises(MediaError, match="speech.wav: has no video stream"):
+        VideoEncoder.load(wav, cfg())
+
+    no_frames = tmp_path / "no_frames.avi"
+    with av.open(str(no_frames), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width = stream.height = SIZE
+        stream.pix_fmt = "yuv420p"
+        container.start_encoding()
+    with pytest.raises(MediaError, match="no_frames.avi: video has no decodable frames"):
+        VideoEncoder.load(no_frames, cfg())
+
+
+def test_size_limit_and_bad_arrays(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", 10, "mpeg4")
+    with pytest.raises(MediaError, match="clip.mp4: .*above the limit of 100"):
+        VideoEncoder.load(path, cfg(), max_bytes=100)
+    with open(path, "rb") as f:
+        data = f.read()
+    with pytest.raises(MediaError, match="above the limit"):
+        VideoEncoder.load(data, cfg(), max_bytes=100)
+    with pytest.raises(MediaError, match=r"\(T, H, W, C\)"):
+        VideoEncoder.load(np.zeros((0, 4, 4, 3)), cfg())
+    with pytest.raises(MediaError, match="empty list"):
+        VideoEncoder.load([], cfg())
+    with pytest.raises(MediaError, match="empty bytes"):
+        VideoEncoder.load(b"", cfg())
+
+
+# -- config -------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_frames": 0}, "encoders.video.num_frames"),
+        ({"num_frames": 2.5}, "encoders.video.num_frames"),
+        ({"pooling": "max"}, "encoders.video.pooling"),
+        ({"image": {"image_size": 30, "patch_size": 8}}, "encoders.video.image.image_size"),
+        ({"image": {"imgsize": 32}}, "encoders.video.image"),
+        ({"image": "vit"}, "encoders.video.image"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        VideoEncoderConfig(**kwargs)
+
+
+def test_registered_and_built_from_a_spec():
+    assert "video_vit" in ENCODERS.names()
+    spec = {"type": "video_vit", "num_frames": 2, "pooling": "temporal_mean", "image": dict(TINY_IMAGE)}
+    cls, config = encoder_class(spec, "video")
+    assert cls is VideoEncoder and config.image.image_size == 32
+    assert VideoEncoder.tokens_per_unit(config) == PATCHES
+    encoder = build_encoder("video", spec)
+    assert isinstance(encoder, VideoEncoder) and encoder.output_dim == 64
+    with pytest.raises(ConfigError, match=r"encoders\.video: unknown field"):
+        build_encoder("video", {"type": "video_vit", "frames": 4})
+
+
+# -- network ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("pooling", "tokens"), [("none", 4 * PATCHES), ("temporal_mean", PATCHES), ("frame_mean", 4)]
+)  # fmt: skip
+def test_forward_backward_each_pooling(tmp_path, pooling, tokens):
+    torch.manual_seed(0)
+    config = cfg(pooling=pooling)
+    assert VideoEncoder.tokens_per_unit(config) == tokens
+    encoder = VideoEncoder(config)
+    path = write_video(tmp_path / "clip.mp4", 12, "mpeg4")
+    values = VideoEncoder.preprocess(VideoEncoder.load(path, config), config)["values"]
+    assert values.shape == (1, 4, 3, 32, 32)
+    values = torch.cat([values, torch.randn_like(values)])  # two clips
+    out = encoder(values)
+    assert out.shape == (2, tokens, 64) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert encoder.temporal_embed.grad is not None and encoder.temporal_embed.grad.abs().sum() > 0
+    assert encoder.image_encoder.vit.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_temporal_embedding_is_added_per_frame():
+    torch.manual_seed(0)
+    encoder = VideoEncoder(cfg(pooling="none")).eval()
+    values = torch.randn(1, 4, 3, 32, 32)
+    with torch.no_grad():
+        base = encoder(values).view(1, 4, PATCHES, 64)
+        encoder.temporal_embed.copy_(torch.arange(4.0).view(4, 1).expand(4, 64))
+        shifted = encoder(values).view(1, 4, PATCHES, 64)
+        per_frame = encoder.image_encoder(values[0])  # (F, P, D)
+    torch.testing.assert_close(base[0], per_frame)  # zero init: exactly the image features
+    torch.testing.assert_close(shifted - base, torch.arange(4.0).view(1, 4, 1, 1).expand_as(base))
+
+
+def test_temporal_mean_mask_ignores_padded_frames():
+    torch.manual_seed(0)
+    encoder = VideoEncoder(cfg(pooling="temporal_mean")).eval()
+    values = torch.randn(1, 4, 3, 32, 32)
+    other = values.clone()
+    other[:, 2:] = torch.randn(1, 2, 3, 32, 32)
+    mask = torch.tensor([[True, True, False, False]])
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(values, mask), encoder(other, mask))
+        assert not torch.allclose(encoder(values), encoder(other))
+
+
+def test_wrong_frame_count_is_a_clear_error():
+    encoder = VideoEncoder(cfg())
+    with pytest.raises(ValueError, match=r"num_frames=4"):
+        encoder(torch.randn(1, 3, 3, 32, 32))
+
+
+def test_load_pretrained_whole_encoder_and_backbone(tmp_path):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = VideoEncoder(cfg()).eval()
+    with torch.no_grad():
+        source.temporal_embed.normal_()
+    values = torch.randn(2, 4, 3, 32, 32)
+    whole = tmp_path / "video.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(whole))
+    backbone = tmp_path / "vit.safetensors"
+    save_file({k: v.contiguous() for k, v in source.image_encoder.vit.state_dict().items()}, str(backbone))
+
+    torch.manual_seed(1)
+    target = VideoEncoder(cfg()).eval()
+    with torch.no_grad():
+        assert not torch.allclose(target(values), source(values))
+        target.load_pretrained(whole)
+        torch.testing.assert_close(target(values), source(values), rtol=0, atol=0)
+
+    torch.manual_seed(2)
+    target = VideoEncoder(cfg()).eval()
+    target.load_pretrained(backbone)  # backbone only: the temporal embedding keeps its (zero) init
+    with torch.no_grad():
+        torch.testing.assert_close(target.image_encoder(values[0]), source.image_encoder(values[0]), rtol=0, atol=0)
+    assert target.temporal_embed.abs().sum() == 0
+
+    # a video encoder with another frame count or backbone width does not match: a ConfigError, not a traceback
+    with pytest.raises(ConfigError, match=r"video encoder pretrained: .*video\.safetensors.*temporal_embed"):
+        VideoEncoder(cfg(num_frames=8)).load_pretrained(whole)
+    wider = {**TINY_IMAGE, "model_kwargs": {"embed_dim": 32, "depth": 2, "num_heads": 2}}
+    with pytest.raises(ConfigError, match=r"video encoder pretrained \(image backbone\).*vit\.safetensors"):
+        VideoEncoder(cfg(image=wider)).load_pretrained(backbone)
+    with pytest.raises(ConfigError, match="not a .safetensors file"):
+        target.load_pretrained(tmp_path / "missing.bin")
+
+
+def test_tokens_feed_the_connector(tmp_path):
+    torch.manual_seed(0)
+    config = cfg(pooling="temporal_mean")
+    encoder = VideoEncoder(config)
+    connector = build_connector("video", {"type": "mlp"}, input_dim=encoder.output_dim, output_dim=64)
+    frames = VideoEncoder.load(write_gif(tmp_path / "clip.gif", 6), config)
+    tokens = encoder(VideoEncoder.preprocess(frames, config)["values"])
+    out = connector(tokens)
+    assert out.shape == (1, VideoEncoder.tokens_per_unit(config), 64)
+    out.sum().backward()
+    assert encoder.temporal_embed.grad is not None
