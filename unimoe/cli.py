@@ -95,6 +95,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     from unimoe.inference import init_checkpoint
     from unimoe.presets import parse_cli_overrides
 
+    _quiet_transformers()
     out = init_checkpoint(
         args.preset, args.out, parse_cli_overrides(args.overrides), tokenizer_path=args.tokenizer, seed=args.seed
     )
@@ -102,9 +103,18 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_transformers() -> None:
+    """No weight-loading progress bars or advisory warnings: a CLI answer (or its one error line) stays readable."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from unimoe.inference import chat, load_pretrained
 
+    _quiet_transformers()
     model, processor = load_pretrained(args.model)
     answer = chat(
         model,
