@@ -1,0 +1,254 @@
+"""Time-series encoder: loading (csv / npy / arrays) and its errors, context fitting, instance normalization with
+missing values, affine invariance, forward + backward, pretrained weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unimoe.connectors import build_connector
+from unimoe.encoders import ENCODERS, MediaError, build_encoder
+from unimoe.encoders.series import TimeSeriesEncoder, TimeSeriesEncoderConfig, load_series
+from unimoe.errors import ConfigError
+
+TINY = {"context_length": 32, "patch_size": 8, "num_channels": 2, "dim": 32, "depth": 2, "num_heads": 4}
+
+
+def tiny_config(**overrides) -> TimeSeriesEncoderConfig:
+    return TimeSeriesEncoderConfig(**{**TINY, **overrides})
+
+
+def tiny_encoder(seed: int = 0, **overrides) -> TimeSeriesEncoder:
+    torch.manual_seed(seed)
+    return TimeSeriesEncoder(tiny_config(**overrides)).eval()
+
+
+def wave(length: int, channels: int = 2, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(length, dtype=np.float32)[:, None]
+    return (np.sin(t / 3 + np.arange(channels)) * 4 + rng.normal(size=(length, channels)) + 10).astype(np.float32)
+
+
+# -- loading -----------------------------------------------------------------------------------------------------------
+
+
+def test_csv_with_date_column_gives_two_channels(tmp_path):
+    path = tmp_path / "sales.csv"
+    path.write_text("date,north,south\n2024-01-01,1.5,10\n2024-01-02,,11\n2024-01-03,3.5,12\n2024-01-04,4,13\n")
+    series = TimeSeriesEncoder.load(path, tiny_config())
+    assert series.shape == (4, 2) and series.dtype == np.float32
+    np.testing.assert_array_equal(series[:, 1], [10, 11, 12, 13])
+    assert np.isnan(series[1, 0]) and series[3, 0] == 4
+
+
+def test_other_table_formats_and_arrays(tmp_path):
+    config = tiny_config()
+    (tmp_path / "a.tsv").write_text("time\tvalue\n0\t1\n1\t2\n2\t3\n")  # numeric column named "time" is the axis
+    np.testing.assert_array_equal(load_series(tmp_path / "a.tsv", config), [[1], [2], [3]])
+    (tmp_path / "b.txt").write_text("1.0 2.0\n3.0 4.0\n5.0 NaN\n")  # headerless, whitespace
+    b = load_series(tmp_path / "b.txt", config)
+    assert b.shape == (3, 2) and np.isnan(b[2, 1])
+    (tmp_path / "c.csv").write_text("1\n2\n3\n")  # headerless csv: the first row is data
+    np.testing.assert_array_equal(load_series(tmp_path / "c.csv", config), [[1], [2], [3]])
+    np.save(tmp_path / "d.npy", np.arange(5.0))
+    np.testing.assert_array_equal(load_series(tmp_path / "d.npy", config), np.arange(5.0)[:, None])
+    np.save(tmp_path / "e.npy", np.ones((6, 2)))
+    assert load_series(tmp_path / "e.npy", config).shape == (6, 2)
+    assert load_series([1, 2, float("nan")], config).shape == (3, 1)
+    assert load_series(torch.ones(4, 2), config).shape == (4, 2)
+
+
+def test_text_in_a_value_column_names_the_file_and_column(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("date,load,temperature\n2024-01-01,1,20\n2024-01-02,2,warm\n")
+    with pytest.raises(MediaError, match="temperature") as info:
+        TimeSeriesEncoder.load(path, tiny_config())
+    assert str(path) in str(info.value) and "warm" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("empty.csv", "", "empty"),
+        ("header.csv", "date,a,b\n", "no rows"),
+        ("missing.csv", "a,b\n,\nNaN,\n", "all values"),
+        ("wide.csv", "a,b,c\n1,2,3\n", "3 channels"),
+        ("dates.csv", "date\n2024-01-01\n", "no value columns"),
+        ("cube.npy", np.zeros((2, 3, 4)), "shape"),
+        ("inf.npy", np.array([1.0, np.inf]), "infinite"),
+        ("zero.npy", np.zeros((0,)), "no rows"),
+        ("series.xlsx", "1,2\n", "unsupported"),
+    ],
+)
+def test_bad_files_raise_media_error_naming_the_file(tmp_path, name, content, problem):
+    path = tmp_path / name
+    if isinstance(content, np.ndarray):
+        np.save(path, content)
+    else:
+        path.write_text(content)
+    with pytest.raises(MediaError, match=problem) as info:
+        TimeSeriesEncoder.load(path, tiny_config())
+    assert str(path) in str(info.value)
+
+
+def test_missing_and_too_big_files(tmp_path):
+    with pytest.raises(MediaError, match="does not exist") as info:
+        TimeSeriesEncoder.load(tmp_path / "nope.csv", tiny_config())
+    assert "nope.csv" in str(info.value)
+    path = tmp_path / "big.csv"
+    path.write_text("a\n" + "1\n" * 600)
+    with pytest.raises(MediaError, match="above the limit") as info:
+        TimeSeriesEncoder.load(path, tiny_config(), max_bytes=100)
+    assert "big.csv" in str(info.value)
+    with pytest.raises(MediaError, match="not a numeric"):
+        TimeSeriesEncoder.load(["a", "b"], tiny_config())
+
+
+# -- preprocessing and normalization -----------------------------------------------------------------------------------
+
+
+def test_short_series_is_left_padded_with_mask_zero():
+    series = wave(10, channels=1)
+    out = TimeSeriesEncoder.preprocess(series, tiny_config())
+    values, mask = out["values"], out["mask"]
+    assert values.shape == mask.shape == (1, 32, 2)
+    assert torch.equal(values[0, -10:, 0], torch.from_numpy(series[:, 0]))  # most recent values at the end
+    assert mask[0, :22].sum() == 0 and mask[0, 22:, 0].sum() == 10
+    assert mask[0, :, 1].sum() == 0 and values[0, :, 1].abs().sum() == 0  # unused channel: padding
+
+
+def test_long_series_is_truncated_keeping_the_most_recent_values():
+    series = wave(50)
+    out = TimeSeriesEncoder.preprocess(series, tiny_config())
+    assert torch.equal(out["values"][0], torch.from_numpy(series[-32:]))
+    assert out["mask"].min() == 1
+
+
+def test_missing_values_are_masked_and_ignored_by_instance_normalization():
+    series = np.array([1.0, np.nan, 3.0, 5.0], np.float32)
+    out = TimeSeriesEncoder.preprocess(series, tiny_config(num_channels=1))
+    assert out["mask"][0, -4:, 0].tolist() == [1, 0, 1, 1]
+    assert out["values"][0, -3, 0] == 0 and torch.isfinite(out["values"]).all()
+    encoder = tiny_encoder(num_channels=1)
+    normalized, loc, scale = encoder.normalize(out["values"], out["mask"])
+    # hand-computed over the observed values {1, 3, 5}: mean 3, population std sqrt(8 / 3)
+    assert loc.shape == scale.shape == (1, 1, 1)
+    assert loc.item() == pytest.approx(3.0)
+    assert scale.item() == pytest.approx(math.sqrt(8 / 3), rel=1e-6)
+    expected = [(1 - 3) / math.sqrt(8 / 3), 0.0, 0.0, (5 - 3) / math.sqrt(8 / 3)]
+    assert normalized[0, -4:, 0].tolist() == pytest.approx(expected, abs=1e-6)
+    assert normalized[0, :-4].abs().sum() == 0  # padding stays 0
+    # NaN values with no mask count as missing too
+    raw = torch.tensor([[1.0, float("nan"), 3.0, 5.0]]).unsqueeze(-1)
+    _, loc2, scale2 = encoder.normalize(raw)
+    assert loc2.item() == pytest.approx(3.0) and scale2.item() == pytest.approx(math.sqrt(8 / 3), rel=1e-6)
+
+
+def test_normalize_edge_cases():
+    encoder = tiny_encoder()
+    values = torch.tensor([[[2.0, 0.0], [2.0, 0.0]]])  # constant channel, unobserved channel
+    mask = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    normalized, loc, scale = encoder.normalize(values, mask)
+    assert loc.flatten().tolist() == [2.0, 0.0]
+    assert scale.flatten().tolist() == pytest.approx([2.0 + encoder.config.eps, 1.0])
+    assert normalized.abs().sum() == 0
+
+
+# -- network -----------------------------------------------------------------------------------------------------------
+
+
+def test_forward_backward():
+    encoder = tiny_encoder().train()
+    batch = [TimeSeriesEncoder.preprocess(wave(n, seed=n), encoder.config) for n in (10, 32, 70)]
+    values = torch.cat([b["values"] for b in batch])
+    mask = torch.cat([b["mask"] for b in batch])
+    tokens = encoder(values, mask)
+    assert tokens.shape == (3, TimeSeriesEncoder.tokens_per_unit(encoder.config), encoder.output_dim) == (3, 4, 32)
+    assert torch.isfinite(tokens).all()
+    tokens.square().mean().backward()
+    for name, param in encoder.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+def test_output_is_invariant_to_affine_scaling_of_each_channel():
+    encoder = tiny_encoder()
+    series = wave(40)
+    series[[3, 17], 0] = np.nan
+    scaled = series * np.array([5.0, 0.25], np.float32) + np.array([3.0, -100.0], np.float32)
+    a = TimeSeriesEncoder.preprocess(series, encoder.config)
+    b = TimeSeriesEncoder.preprocess(scaled, encoder.config)
+    with torch.no_grad():
+        assert torch.allclose(encoder(a["values"], a["mask"]), encoder(b["values"], b["mask"]), atol=1e-4)
+
+
+def test_values_under_mask_zero_do_not_matter_and_nan_means_missing():
+    encoder = tiny_encoder()
+    out = TimeSeriesEncoder.preprocess(wave(20), encoder.config)
+    values, mask = out["values"], out["mask"]
+    noisy = torch.where(mask > 0, values, torch.randn_like(values) * 100)
+    with_nan = torch.where(mask > 0, values, torch.full_like(values, float("nan")))
+    with torch.no_grad():
+        reference = encoder(values, mask)
+        assert torch.allclose(reference, encoder(noisy, mask), atol=1e-5)
+        assert torch.allclose(reference, encoder(with_nan), atol=1e-5)  # mask=None: NaN = missing
+
+
+def test_observed_patches_do_not_attend_to_padding_patches():
+    encoder = tiny_encoder()
+    out = TimeSeriesEncoder.preprocess(wave(12), encoder.config)  # 32 steps, patches of 8: the first two are padding
+    with torch.no_grad():
+        reference = encoder(out["values"], out["mask"])
+        encoder.pos_embed[:2] += torch.randn(2, encoder.config.dim)  # changes only the padding tokens' inputs
+        changed = encoder(out["values"], out["mask"])
+    assert torch.allclose(reference[:, 2:], changed[:, 2:], atol=1e-5)
+    assert not torch.allclose(reference[:, :2], changed[:, :2])
+
+
+def test_forward_fits_other_lengths_and_channel_counts():
+    encoder = tiny_encoder()
+    series = wave(20, channels=1)
+    out = TimeSeriesEncoder.preprocess(series, encoder.config)
+    with torch.no_grad():
+        direct = encoder(torch.from_numpy(series)[None])  # (1, 20, 1) -> padded inside
+        assert torch.allclose(direct, encoder(out["values"], out["mask"]), atol=1e-5)
+
+
+def test_tokens_feed_the_mlp_connector():
+    encoder = tiny_encoder()
+    out = TimeSeriesEncoder.preprocess(wave(32), encoder.config)
+    connector = build_connector("series", {"type": "mlp"}, input_dim=encoder.output_dim, output_dim=64)
+    assert connector(encoder(out["values"], out["mask"])).shape == (1, 4, 64)
+
+
+def test_load_pretrained_gives_identical_outputs(tmp_path):
+    from safetensors.torch import save_file
+
+    assert ENCODERS.get("patch_ts") is TimeSeriesEncoder
+    source = tiny_encoder(seed=0)
+    save_file(source.state_dict(), str(tmp_path / "series.safetensors"))
+    torch.manual_seed(99)
+    loaded = build_encoder("series", {"type": "patch_ts", "pretrained": str(tmp_path / "series.safetensors"), **TINY})
+    out = TimeSeriesEncoder.preprocess(wave(25), source.config)
+    with torch.no_grad():
+        assert torch.equal(source(out["values"], out["mask"]), loaded.eval()(out["values"], out["mask"]))
+    other = TimeSeriesEncoder(tiny_config(dim=64))
+    with pytest.raises(ConfigError, match="series encoder pretrained"):
+        other.load_pretrained(tmp_path / "series.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"context_length": 30}, "encoders.series.context_length"),
+        ({"patch_size": 0}, "encoders.series.patch_size"),
+        ({"num_channels": -1}, "encoders.series.num_channels"),
+        ({"num_heads": 3}, "encoders.series.num_heads"),
+        ({"depth": 0}, "encoders.series.depth"),
+    ],
+)
+def test_config_errors_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field):
+        tiny_config(**overrides)
