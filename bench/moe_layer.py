@@ -66,7 +66,7 @@ def full_cases() -> list[Case]:
         Case("E8-top2", 512, 1024, 8, 2, 2048, target=1.10),
         Case("E64-top8", 512, 256, 64, 8, 2048, target=1.35, reps=5),  # hf_eager alone is ~3 s a call
         Case("lora-E8-r16-top2", 512, 2048, 8, 2, 2048, expert_type="lora", lora_rank=16, target=1.45),
-        Case("decode-E8", 512, 1024, 8, 2, 8, train=False, reps=21, inner=20),
+        Case("decode-E8", 512, 1024, 8, 2, 8, train=False, reps=11, inner=10),
     ]
 
 
