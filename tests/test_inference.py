@@ -30,6 +30,12 @@ def media(tmp_path_factory):
     frames = [Image.fromarray(np.full((24, 24, 3), 20 * i, dtype=np.uint8)) for i in range(6)]
     frames[0].save(d / "clip.gif", save_all=True, append_images=frames[1:], duration=100)
     _write_mp4(d / "clip.mp4", frames)
+    import trimesh
+
+    trimesh.creation.box(extents=(1, 2, 3)).export(d / "box.ply")
+    (d / "series.csv").write_text(
+        "date,value\n" + "".join(f"2020-01-{i + 1:02d},{np.sin(i / 3):.4f}\n" for i in range(30))
+    )
     return d
 
 
@@ -59,10 +65,10 @@ def test_init_writes_a_complete_checkpoint(tiny_ckpt):
     } <= names
     model, processor = load_pretrained(tiny_ckpt)
     assert set(processor.modalities) == set(model.config.encoders)
-    assert {"image", "audio", "video"} <= set(processor.modalities)
+    assert set(processor.modalities) == {"image", "audio", "video", "points", "series"}
 
 
-@pytest.mark.parametrize("name", ["digit.png", "tone.wav", "clip.gif", "clip.mp4"])
+@pytest.mark.parametrize("name", ["digit.png", "tone.wav", "clip.gif", "clip.mp4", "box.ply", "series.csv"])
 def test_chat_answers_for_each_modality(tiny_ckpt, media, name):
     model, processor = load_pretrained(tiny_ckpt)
     answer = chat(model, processor, "What is this?", [media / name], max_new_tokens=5)
