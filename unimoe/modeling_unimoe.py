@@ -124,6 +124,7 @@ class UniMoEDecoderLayer(nn.Module):
         token_mask: torch.Tensor | None,
         modality_ids: torch.Tensor | None,
         output_router_stats: bool,
+        compute_router_losses: bool = True,
         **kwargs: Any,
     ):
         residual = hidden_states
@@ -141,7 +142,11 @@ class UniMoEDecoderLayer(nn.Module):
         moe_out = None
         if self.is_moe:
             moe_out = self.mlp(
-                hidden_states, token_mask=token_mask, modality_ids=modality_ids, output_stats=output_router_stats
+                hidden_states,
+                token_mask=token_mask,
+                modality_ids=modality_ids,
+                output_stats=output_router_stats,
+                compute_losses=compute_router_losses,
             )
             hidden_states = moe_out.hidden_states
         else:
@@ -174,6 +179,7 @@ class UniMoETextModel(nn.Module):
         modality_ids: torch.Tensor | None = None,
         output_hidden_states: bool = False,
         output_router_stats: bool = False,
+        compute_router_losses: bool = True,
         **kwargs: Any,
     ) -> UniMoEModelOutput:
         batch, seq, _ = inputs_embeds.shape
@@ -209,6 +215,7 @@ class UniMoETextModel(nn.Module):
                 token_mask=token_mask,
                 modality_ids=modality_ids,
                 output_router_stats=output_router_stats,
+                compute_router_losses=compute_router_losses,
                 **kwargs,
             )
             if moe_out is not None:
@@ -439,6 +446,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_router_stats=output_router_stats,
+            compute_router_losses=self.training or labels is not None or output_router_stats,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

@@ -77,6 +77,7 @@ class SparseMoEBlock(nn.Module):
             if name in modalities:
                 target[modalities.index(name), experts] = True
         self.register_buffer("modality_target", target, persistent=False)
+        self.stats_sink: list[RouterStats] | None = None
         self._has_modality_targets = any(name in modalities for name in config.modality_experts)
 
     def forward(
@@ -86,8 +87,12 @@ class SparseMoEBlock(nn.Module):
         token_mask: torch.Tensor | None = None,
         modality_ids: torch.Tensor | None = None,
         output_stats: bool = False,
+        compute_losses: bool = True,
     ) -> MoEOutput:
-        """``hidden_states (B, S, H)``; ``token_mask (B, S)`` bool (False = padding); ``modality_ids (B, S)``."""
+        """``hidden_states (B, S, H)``; ``token_mask (B, S)`` bool (False = padding); ``modality_ids (B, S)``.
+
+        ``compute_losses=False`` returns zero losses (inference). When ``stats_sink`` is a list, every call appends
+        its :class:`RouterStats` to it (used by the evaluation harness and the demo to collect expert load)."""
         cfg = self.config
         batch, seq, hidden = hidden_states.shape
         x = hidden_states.reshape(-1, hidden)  # (T, H)
@@ -109,12 +114,13 @@ class SparseMoEBlock(nn.Module):
             selection_bias=self.router_bias if use_bias else None,
             token_mask=mask,
         )
-        aux_loss = load_balancing_loss(routing, mask)
-        z_loss = router_z_loss(logits, mask)
-        if cfg.modality_loss_coef > 0 and mods is not None and self._has_modality_targets:
-            modality_loss = modality_routing_loss(routing.probs, mods, self.modality_target, mask)
-        else:
-            modality_loss = logits.new_zeros((), dtype=torch.float32)
+        zero = logits.new_zeros((), dtype=torch.float32)
+        aux_loss = z_loss = modality_loss = zero
+        if compute_losses:  # skipped in inference (decoding is bound by weight reads; every kernel counts)
+            aux_loss = load_balancing_loss(routing, mask)
+            z_loss = router_z_loss(logits, mask)
+            if cfg.modality_loss_coef > 0 and mods is not None and self._has_modality_targets:
+                modality_loss = modality_routing_loss(routing.probs, mods, self.modality_target, mask)
 
         routing, dropped = apply_capacity(routing, num_experts=self.num_experts, capacity_factor=cfg.capacity_factor)
         plan = make_plan(
@@ -129,7 +135,7 @@ class SparseMoEBlock(nn.Module):
             out = out + shared
 
         stats = None
-        if output_stats or (self.training and use_bias):
+        if output_stats or (self.training and use_bias) or self.stats_sink is not None:
             stats = routing_stats(
                 routing,
                 num_experts=self.num_experts,
@@ -140,6 +146,8 @@ class SparseMoEBlock(nn.Module):
             )
             if self.training and use_bias:
                 self._load_since_update += stats.load
+            if self.stats_sink is not None:
+                self.stats_sink.append(stats)
         return MoEOutput(
             hidden_states=out.view(batch, seq, hidden),
             aux_loss=aux_loss,
