@@ -19,7 +19,7 @@ modelnet40     ``<class>/{train,test}/<class>_NNNN.{off,npy,txt}``            mu
                                                                              choice
 librispeech    ``<speaker>/<chapter>/*.flac`` + ``*.trans.txt`` (``path``    generate    wer
                or ``path/<split>``, e.g. ``LibriSpeech/test-clean``)
-ett            an ETT CSV (``ETTh1.csv`` ... ``ETTm2.csv``)                  generate    mse, mae, mase
+ett            an ETT CSV (``ETTh1.csv`` ... ``ETTm2.csv``)                  forecast    mse, mae, mase
 =============  ==========================================================  ==========  ===============================
 
 Prompt formats (the user turn's text; the assistant turn is the answer):
@@ -71,7 +71,7 @@ class Reader:
     fn: Callable[..., list[dict[str, Any]]]
     modality: str
     default_metrics: list[str] = field(default_factory=list)
-    output: str = "generate"  # "generate" | "multiple_choice"
+    output: str = "generate"  # "generate" | "multiple_choice" | "forecast" (the runner's output types)
     description: str = ""
 
 
@@ -79,8 +79,8 @@ READERS: dict[str, Reader] = {}
 
 
 def register_reader(reader: Reader) -> Reader:
-    if reader.output not in ("generate", "multiple_choice"):
-        raise ValueError(f"reader {reader.name}: output must be 'generate' or 'multiple_choice'")
+    if reader.output not in ("generate", "multiple_choice", "forecast"):
+        raise ValueError(f"reader {reader.name}: output must be 'generate', 'multiple_choice' or 'forecast'")
     READERS[reader.name] = reader
     return reader
 
@@ -647,4 +647,4 @@ register_reader(Reader("scienceqa", read_scienceqa, "image", ["accuracy"], "mult
 register_reader(Reader("clotho_aqa", read_clotho_aqa, "audio", ["accuracy"], "generate", "Clotho-AQA"))
 register_reader(Reader("modelnet40", read_modelnet40, "points", ["accuracy"], "multiple_choice", "ModelNet40"))
 register_reader(Reader("librispeech", read_librispeech, "audio", ["wer", "cer"], "generate", "LibriSpeech ASR"))
-register_reader(Reader("ett", read_ett, "series", ["mse", "mae", "mase"], "generate", "ETT long-horizon forecasting"))
+register_reader(Reader("ett", read_ett, "series", ["mse", "mae", "mase"], "forecast", "ETT long-horizon forecasting"))

@@ -48,7 +48,7 @@ def test_registry():
     assert set(READERS) >= {"vqav2", "mmbench", "scienceqa", "clotho_aqa", "modelnet40", "librispeech", "ett"}
     for reader in READERS.values():
         assert isinstance(reader, Reader)
-        assert reader.output in ("generate", "multiple_choice")
+        assert reader.output in ("generate", "multiple_choice", "forecast")
         assert all(m in METRICS for m in reader.default_metrics)
     with pytest.raises(DataError, match="unknown benchmark reader"):
         read_benchmark("nope", ".")
