@@ -130,6 +130,40 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from unimoe.data.build import build_suite, check_task_names
+
+    tasks = [t for item in args.tasks for t in item.split(",") if t] if args.tasks else None
+    if tasks:
+        check_task_names(tasks)
+    cards = build_suite(args.out, tasks, seed=args.seed, force=args.force)
+    print(f"{len(cards)} task(s) in {args.out} (see {args.out}/DATASETS.md)")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from unimoe.eval import evaluate, resolve_tasks
+    from unimoe.eval.report import results_table
+    from unimoe.inference import load_pretrained
+
+    _quiet_transformers()
+    tasks = resolve_tasks(args.tasks)
+    model, processor = load_pretrained(args.model)
+    summary = evaluate(
+        model,
+        processor,
+        tasks,
+        out_dir=args.out,
+        data_root=args.data,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        model_name=str(args.model),
+    )
+    print(results_table(summary))
+    print(f"wrote {args.out}/results.json")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from unimoe.quickstart import run_quickstart
 
@@ -184,6 +218,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("data", help="build the offline benchmark suite")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    b = data_sub.add_parser("build", help="build tasks (deterministic, offline; re-running is a no-op)")
+    b.add_argument("--out", default="data", help="output directory (default: ./data)")
+    b.add_argument("--tasks", nargs="*", default=None, help="task names (default: all)")
+    b.add_argument("--force", action="store_true", help="rebuild even if complete")
+    b.add_argument("--seed", type=int, default=0)
+    b.set_defaults(func=cmd_data_build)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on tasks or suites")
+    p.add_argument("model", help="checkpoint directory or Hub id")
+    p.add_argument("--tasks", required=True, help="comma-separated tasks / suites (all, tiny, ...) or READER:PATH")
+    p.add_argument("--out", required=True, help="output directory for results.json, samples_*.jsonl, reports")
+    p.add_argument("--data", default="data", help="directory of the built suite (default: ./data)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quickstart", help="build, exercise, save and reload the tiny model")
     p.add_argument("--out", default="runs/quickstart")

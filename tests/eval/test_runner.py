@@ -1,0 +1,146 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import unimoe
+from unimoe.data.build import MARKER, DataError, build_task
+from unimoe.data.records import write_jsonl
+from unimoe.errors import CheckpointError, ConfigError
+from unimoe.eval import TaskSpec, evaluate, load_task_specs, resolve_tasks
+from unimoe.processing_unimoe import UniMoEProcessor
+
+WORDS = ["zero", "one", "two", "three"]
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tokenizer):
+    model = unimoe.build_model("tiny", seed=3).eval()
+    with torch.no_grad():  # keep a random model from answering only with special or whitespace tokens
+        vocab = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        blank = [i for i, t in enumerate(vocab) if t.startswith("<|") or not tokenizer.decode([i]).strip()]
+        model.lm_head.weight[torch.tensor(blank)] = 0.0
+    return model, UniMoEProcessor.from_model_config(tokenizer, model.config)
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    build_task("text_qa", root)
+    # a small image task written by hand in the record format, with a completion marker
+    task = root / "toy_images"
+    (task / "media").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(task / "media" / f"{i}.png")
+        records.append({
+            "id": f"toy/{i}",
+            "messages": [{"role": "user", "content": [{"type": "image", "path": f"media/{i}.png"},
+                                                      {"type": "text", "text": "Which word?"}]},
+                         {"role": "assistant", "content": WORDS[i % 4]}],
+            "answer": WORDS[i % 4],
+            "choices": WORDS,
+        })  # fmt: skip
+    write_jsonl(task / "test.jsonl", records)
+    (task / MARKER).write_text(json.dumps({"version": 1, "seed": 0, "card": {"sizes": {"test": 10}}}))
+    return root
+
+
+def toy_specs():
+    return [
+        TaskSpec(name="text_qa", data="text_qa", output="generate", metrics=["accuracy"], max_new_tokens=5),
+        TaskSpec(name="toy_mc", data="toy_images", output="multiple_choice", metrics=["accuracy"]),
+        TaskSpec(name="toy_gen", data="toy_images", output="generate", metrics=["accuracy", "exact_match"],
+                 max_new_tokens=4),
+    ]  # fmt: skip
+
+
+def read_predictions(out, task):
+    return [json.loads(line)["prediction"] for line in (out / f"samples_{task}.jsonl").read_text().splitlines()]
+
+
+def test_predictions_do_not_depend_on_batch_size(model_and_processor, data_root, tmp_path):
+    model, processor = model_and_processor
+    runs = {}
+    for bs in (1, 8):
+        evaluate(model, processor, toy_specs(), out_dir=tmp_path / f"bs{bs}", data_root=data_root, batch_size=bs,
+                 limit=12, progress=False)  # fmt: skip
+        runs[bs] = {t: read_predictions(tmp_path / f"bs{bs}", t) for t in ("text_qa", "toy_mc", "toy_gen")}
+    assert runs[1] == runs[8]
+    assert any(p for p in runs[1]["text_qa"]), "the generation test needs non-empty predictions to mean anything"
+
+
+def test_result_files_follow_lm_eval_layout(model_and_processor, data_root, tmp_path):
+    model, processor = model_and_processor
+    summary = evaluate(model, processor, toy_specs(), out_dir=tmp_path, data_root=data_root, batch_size=4, limit=6,
+                       progress=False)  # fmt: skip
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["results"] == summary["results"]
+    assert set(data["results"]) == {"text_qa", "toy_mc", "toy_gen"}
+    assert 0.0 <= data["results"]["toy_mc"]["accuracy"] <= 1.0
+    sample = json.loads((tmp_path / "samples_toy_mc.jsonl").read_text().splitlines()[0])
+    assert set(sample) == {"id", "prediction", "target", "score"} and sample["prediction"] in WORDS
+    # the score column is the per-item primary metric and averages to the reported value
+    scores = [json.loads(x)["score"] for x in (tmp_path / "samples_toy_mc.jsonl").read_text().splitlines()]
+    assert np.isclose(np.mean(scores), data["results"]["toy_mc"]["accuracy"])
+    assert "| toy_mc | accuracy |" in (tmp_path / "results.md").read_text()
+    assert set(data["expert_load"]) == {"text", "image"}
+    assert (tmp_path / "expert_load.png").stat().st_size > 1000
+    assert "Specialization" in (tmp_path / "expert_load.md").read_text()
+
+
+def test_multiple_choice_picks_the_most_likely_choice(model_and_processor, data_root):
+    from unimoe.data.records import read_split
+    from unimoe.eval.runner import choice_logliks, predict_multiple_choice
+
+    model, processor = model_and_processor
+    records = read_split(data_root / "toy_images", "test", limit=3)
+    scores = choice_logliks(model, processor, records, batch_size=5)
+    assert all(len(s) == 4 and all(v < 0 for v in s) for s in scores)
+    assert scores[0] != scores[1]  # the image changes the likelihoods
+    preds = predict_multiple_choice(model, processor, records, batch_size=5)
+    assert preds == [r["choices"][int(np.argmax(s))] for r, s in zip(records, scores)]
+
+
+def test_every_shipped_task_spec_is_valid():
+    specs = load_task_specs()
+    assert {"text_qa", "digits_cls", "vqa_easy", "speech_words", "speech_asr", "video_motion", "shapes3d",
+            "ts_classify", "ts_forecast"} <= set(specs)  # fmt: skip
+    assert [s.name for s in resolve_tasks("text_qa,vision")][0] == "text_qa"
+    assert {s.name for s in resolve_tasks("all")} == set(specs)
+
+
+def test_bad_requests_fail_clearly(model_and_processor, data_root, tmp_path):
+    model, processor = model_and_processor
+    with pytest.raises(ConfigError, match="unknown task or suite 'nope'"):
+        resolve_tasks("nope")
+    with pytest.raises(DataError, match="does not exist"):
+        evaluate(model, processor, toy_specs()[:1], out_dir=tmp_path, data_root=tmp_path / "missing")
+    with pytest.raises(DataError, match="missing or incomplete"):
+        evaluate(model, processor, [TaskSpec(name="x", data="never_built")], out_dir=tmp_path, data_root=data_root)
+    corrupt = data_root / "toy_corrupt"
+    corrupt.mkdir()
+    (corrupt / "test.jsonl").write_text('{"id": 1, "messages": []}\n{not json\n')
+    (corrupt / MARKER).write_text(json.dumps({"version": 1, "seed": 0, "card": {"sizes": {"test": 2}}}))
+    with pytest.raises(DataError, match=r"test.jsonl:2: not valid JSON"):
+        evaluate(model, processor, [TaskSpec(name="c", data="toy_corrupt")], out_dir=tmp_path, data_root=data_root)
+
+
+def test_cli_errors_are_one_line(tmp_path, data_root, capsys):
+    from unimoe.cli import main
+
+    assert main(["eval", str(tmp_path / "no-ckpt"), "--tasks", "text_qa", "--out", str(tmp_path / "o"),
+                 "--data", str(data_root)]) == 2  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--tasks", "bogus", "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown task or suite 'bogus'" in err[0]
+    assert main(["data", "build", "--out", str(tmp_path / "d"), "--tasks", "nope"]) == 2
+    assert "unknown task" in capsys.readouterr().err
+    with pytest.raises(CheckpointError):
+        from unimoe.inference import load_pretrained
+
+        load_pretrained(tmp_path / "absent")
