@@ -46,7 +46,7 @@ def load_records(spec: TaskSpec, data_root: str | Path | None, limit: int | None
     if spec.reader is not None:
         from unimoe.eval.readers import read_benchmark
 
-        return read_benchmark(spec.reader, Path(spec.path), split=None, limit=limit)
+        return read_benchmark(spec.reader, Path(spec.path), split=spec.split, limit=limit)
     return read_split(task_dir(data_root, spec.data), spec.split, limit=limit)
 
 

@@ -37,7 +37,7 @@ class TaskSpec:
     data: str | None = None
     reader: str | None = None
     path: str | None = None
-    split: str = "test"
+    split: str | None = "test"  # for readers: None = the reader's default split
     output: str = "generate"
     metrics: list[str] = field(default_factory=lambda: ["accuracy"])
     max_new_tokens: int = 16
@@ -84,7 +84,7 @@ def list_task_names() -> list[str]:
     return sorted(load_task_specs())
 
 
-def resolve_tasks(selection: str | list[str]) -> list[TaskSpec]:
+def resolve_tasks(selection: str | list[str], *, reader_split: str | None = None) -> list[TaskSpec]:
     """``"a,b"`` / ``["a", "suite"]`` / ``"reader:PATH"`` → task specs, in the given order, without duplicates."""
     items = [s.strip() for s in (selection.split(",") if isinstance(selection, str) else selection) if s.strip()]
     if not items:
@@ -102,7 +102,7 @@ def resolve_tasks(selection: str | list[str]) -> list[TaskSpec]:
             out.update({n: specs[n] for n in suites[item]})
         elif ":" in item:
             reader, path = item.split(":", 1)
-            out[item] = reader_task(reader, path)
+            out[item] = reader_task(reader, path, split=reader_split)
         else:
             raise ConfigError(
                 f"--tasks: unknown task or suite {item!r}; tasks: {', '.join(sorted(specs))}; "
@@ -111,7 +111,7 @@ def resolve_tasks(selection: str | list[str]) -> list[TaskSpec]:
     return list(out.values())
 
 
-def reader_task(reader: str, path: str) -> TaskSpec:
+def reader_task(reader: str, path: str, *, split: str | None = None) -> TaskSpec:
     from unimoe.eval.readers import READERS
 
     if reader not in READERS:
@@ -121,7 +121,7 @@ def reader_task(reader: str, path: str) -> TaskSpec:
         name=f"{reader}",
         reader=reader,
         path=path,
-        split="test",
+        split=split,
         output=r.output,
         metrics=list(r.default_metrics),
         max_new_tokens=32,

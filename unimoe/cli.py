@@ -147,7 +147,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from unimoe.inference import load_pretrained
 
     _quiet_transformers()
-    tasks = resolve_tasks(args.tasks)
+    tasks = resolve_tasks(args.tasks, reader_split=args.split)
     model, processor = load_pretrained(args.model)
     summary = evaluate(
         model,
@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data", help="directory of the built suite (default: ./data)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    p.add_argument("--split", default=None, help="split for READER:PATH tasks (default: the reader's own)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quickstart", help="build, exercise, save and reload the tiny model")

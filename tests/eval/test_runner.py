@@ -144,3 +144,18 @@ def test_cli_errors_are_one_line(tmp_path, data_root, capsys):
         from unimoe.inference import load_pretrained
 
         load_pretrained(tmp_path / "absent")
+
+
+def test_real_benchmark_reader_through_the_runner(model_and_processor, tmp_path):
+    """`--tasks modelnet40:PATH` scores a real benchmark read from its standard local layout."""
+    import trimesh
+
+    root = tmp_path / "ModelNet40"
+    for cls, mesh in (("chair", trimesh.creation.box((1, 1, 2))), ("cone", trimesh.creation.cone(1, 2))):
+        (root / cls / "test").mkdir(parents=True)
+        mesh.export(root / cls / "test" / f"{cls}_0001.off")
+    (spec,) = resolve_tasks(f"modelnet40:{root}")
+    model, processor = model_and_processor
+    summary = evaluate(model, processor, [spec], out_dir=tmp_path / "out", progress=False)
+    assert summary["n_samples"]["modelnet40"] == 2
+    assert "accuracy" in summary["results"]["modelnet40"]
