@@ -125,6 +125,7 @@ class UniMoEDecoderLayer(nn.Module):
         modality_ids: torch.Tensor | None,
         output_router_stats: bool,
         compute_router_losses: bool = True,
+        forced_experts: torch.Tensor | None = None,
         **kwargs: Any,
     ):
         residual = hidden_states
@@ -147,6 +148,7 @@ class UniMoEDecoderLayer(nn.Module):
                 modality_ids=modality_ids,
                 output_stats=output_router_stats,
                 compute_losses=compute_router_losses,
+                forced_experts=forced_experts,
             )
             hidden_states = moe_out.hidden_states
         else:
@@ -180,6 +182,7 @@ class UniMoETextModel(nn.Module):
         output_hidden_states: bool = False,
         output_router_stats: bool = False,
         compute_router_losses: bool = True,
+        forced_experts: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> UniMoEModelOutput:
         batch, seq, _ = inputs_embeds.shape
@@ -216,6 +219,7 @@ class UniMoETextModel(nn.Module):
                 modality_ids=modality_ids,
                 output_router_stats=output_router_stats,
                 compute_router_losses=compute_router_losses,
+                forced_experts=forced_experts,
                 **kwargs,
             )
             if moe_out is not None:

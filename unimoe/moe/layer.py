@@ -17,7 +17,7 @@ from unimoe.moe.losses import (
     router_z_loss,
     routing_stats,
 )
-from unimoe.moe.routing import apply_capacity, balancing_bias_update, route
+from unimoe.moe.routing import Routing, apply_capacity, balancing_bias_update, route
 
 
 @dataclass
@@ -88,8 +88,12 @@ class SparseMoEBlock(nn.Module):
         modality_ids: torch.Tensor | None = None,
         output_stats: bool = False,
         compute_losses: bool = True,
+        forced_experts: torch.Tensor | None = None,
     ) -> MoEOutput:
         """``hidden_states (B, S, H)``; ``token_mask (B, S)`` bool (False = padding); ``modality_ids (B, S)``.
+
+        ``forced_experts (B, S)``: route every token to that expert alone, with weight 1 (stage 2 of the recipe
+        trains one expert per modality this way); the router and its losses are bypassed.
 
         ``compute_losses=False`` returns zero losses (inference). When ``stats_sink`` is a list, every call appends
         its :class:`RouterStats` to it (used by the evaluation harness and the demo to collect expert load)."""
@@ -105,6 +109,8 @@ class SparseMoEBlock(nn.Module):
         logits = self.router(router_in)  # (T, E_total)
 
         use_bias = cfg.router_bias_update_rate > 0
+        if forced_experts is not None:
+            return self._forward_forced(x, forced_experts.reshape(-1), mask, mods, output_stats, (batch, seq, hidden))
         routing = route(
             logits,
             top_k=cfg.top_k,
@@ -155,6 +161,29 @@ class SparseMoEBlock(nn.Module):
             modality_loss=modality_loss,
             stats=stats if output_stats else None,
         )
+
+    def _forward_forced(self, x, experts, mask, mods, output_stats, shape) -> MoEOutput:
+        index = experts.long().view(-1, 1)  # (T, 1)
+        valid = torch.ones_like(index, dtype=torch.bool) if mask is None else mask.view(-1, 1)
+        probs = torch.nn.functional.one_hot(index[:, 0], self.config.num_total_experts).float()
+        routing = Routing(expert_index=index, weight=valid.to(x.dtype), valid=valid, probs=probs)
+        plan = make_plan(routing.expert_index, routing.weight, routing.computed_mask(self.num_experts), self.num_experts)
+        out = self.experts(x, plan)
+        if self.shared_experts is not None:
+            shared = self.shared_experts(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        stats = None
+        if output_stats or self.stats_sink is not None:
+            dropped = x.new_zeros((), dtype=torch.long)
+            stats = routing_stats(routing, num_experts=self.num_experts, num_modalities=self.num_modalities,
+                                  dropped=dropped, modality_ids=mods, token_mask=mask)  # fmt: skip
+            if self.stats_sink is not None:
+                self.stats_sink.append(stats)
+        zero = x.new_zeros((), dtype=torch.float32)
+        return MoEOutput(out.view(*shape), aux_loss=zero, z_loss=zero, modality_loss=zero,
+                         stats=stats if output_stats else None)  # fmt: skip
 
     @torch.no_grad()
     def update_router_bias(self) -> None:
