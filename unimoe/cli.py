@@ -164,6 +164,46 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from unimoe.presets import parse_cli_overrides
+    from unimoe.train import load_stage, train_stage
+
+    stage = load_stage(args.config, parse_cli_overrides(args.overrides))  # validate before launching
+    if args.nproc > 1:
+        import subprocess
+
+        argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
+        if "--nproc" in sys.argv[1:]:
+            i = sys.argv[1:].index("--nproc")
+            argv = sys.argv[1 : i + 1] + sys.argv[i + 3 :]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "unimoe.cli", *argv]  # fmt: skip
+        return subprocess.call(cmd)
+    _quiet_transformers()
+    result = train_stage(stage, init=args.init, out_dir=args.out, data_root=args.data, resume=args.resume)
+    print(f"stage {result.name}: {result.steps} steps, loss {result.final_loss:.4f}, "
+          f"{result.tokens_per_second:.0f} tokens/s -> {result.checkpoint or args.out}")  # fmt: skip
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from unimoe.presets import parse_cli_overrides
+    from unimoe.train import load_recipe, run_recipe
+
+    _quiet_transformers()
+    recipe = load_recipe(args.recipe, parse_cli_overrides(args.overrides))
+    run_recipe(recipe, args.out, data_root=args.data, resume=args.resume)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from unimoe.quickstart import run_quickstart
 
@@ -238,6 +278,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=None, help="split for READER:PATH tasks (default: the reader's own)")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("train", help="run one training stage")
+    p.add_argument("config", help="stage preset (align, specialize, tune) or YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. steps=100 data.tasks=[digits_cls]")
+    p.add_argument("--init", required=True, help="checkpoint to start from (e.g. one written by `unimoe init`)")
+    p.add_argument("--out", required=True, help="stage output directory (checkpoints/, final/, train_log.jsonl)")
+    p.add_argument("--data", default="data", help="directory of the built suite")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun; gloo on CPU)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("run", help="run a whole recipe: data, stages, evaluation, final checkpoint")
+    p.add_argument("recipe", help="recipe preset (tiny, dense) or YAML file")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    p.add_argument("--out", required=True)
+    p.add_argument("--data", default="data", help="directory of the built suite (built if missing)")
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_run)
+
     p = sub.add_parser("quickstart", help="build, exercise, save and reload the tiny model")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--steps", type=int, default=30)
@@ -248,7 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come after options (argparse stops collecting positionals at the first option)
+    overrides = [e for e in extra if "=" in e and not e.startswith("-")]
+    if overrides and hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + overrides
+        extra = [e for e in extra if e not in overrides]
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return int(args.func(args) or 0)
     except UniMoEError as err:

@@ -1,0 +1,165 @@
+"""Typed configs of a training stage and of a recipe, loaded from YAML presets with ``key=value`` overrides."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from unimoe.config_utils import config_from_dict
+from unimoe.errors import ConfigError
+from unimoe.presets import apply_overrides
+
+#: The parts of a model whose ``requires_grad`` a stage sets (see :func:`unimoe.train.freeze.apply_trainable`).
+PARTS = (
+    "embeddings", "lm_head", "attention", "norms", "dense_mlp", "routers", "experts", "experts_base",
+    "shared_experts", "encoders", "connectors",
+)  # fmt: skip
+
+
+@dataclass
+class DataMix:
+    """Which tasks a stage trains on, with sampling weights (``balance: modality`` samples each modality equally
+    often, then a task within it, then a record)."""
+
+    tasks: list[str] = field(default_factory=list)
+    split: str = "train"
+    weights: dict[str, float] = field(default_factory=dict)
+    balance: str = "modality"  # modality | task | record
+
+    def __post_init__(self) -> None:
+        if self.balance not in ("modality", "task", "record"):
+            raise ConfigError(f"data.balance: {self.balance!r} unknown; choose modality, task or record")
+        unknown = sorted(set(self.weights) - set(self.tasks))
+        if unknown:
+            raise ConfigError(f"data.weights: {unknown} are not in data.tasks")
+
+
+@dataclass
+class LoraSpec:
+    """peft LoRA adapters added for the stage and merged into the weights when it ends."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    kind: str = "align"  # align | specialize | tune (what the stage does besides training its parts)
+    trainable: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    steps: int = 100
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    router_warmup_steps: int = 0  # tune: train only the routers for this many steps first
+    init_experts_from: int | None = None  # specialize: copy this expert into all experts first
+    forced_expert: int | None = None  # route every token to this expert (a dense warm-up of it)
+    lora: dict[str, Any] | None = None
+    moe: dict[str, Any] = field(default_factory=dict)  # overrides of the MoE loss coefficients etc.
+    collapse_threshold: float = 0.9  # warn when one expert takes more than this share of a layer's slots
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("align", "specialize", "tune"):
+            raise ConfigError(f"stage {self.name}: kind {self.kind!r} unknown; choose align, specialize or tune")
+        unknown = sorted(set(self.trainable) - set(PARTS))
+        if unknown:
+            raise ConfigError(f"stage {self.name}: trainable has unknown part(s) {unknown}; parts: {', '.join(PARTS)}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"stage {self.name}: precision {self.precision!r}; choose auto, fp32 or bf16")
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"stage {self.name}: {name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"stage {self.name}: lr must be > 0")
+        self.data_mix  # validate
+        if self.lora is not None:
+            config_from_dict(LoraSpec, self.lora, where=f"stage {self.name}: lora")
+
+    @property
+    def data_mix(self) -> DataMix:
+        return config_from_dict(DataMix, self.data, where=f"stage {self.name}: data")
+
+    @property
+    def lora_spec(self) -> LoraSpec | None:
+        return None if self.lora is None else config_from_dict(LoraSpec, self.lora, where=f"stage {self.name}: lora")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RecipeConfig:
+    """A whole run: the model to start from, the data, the stages in order, and the final evaluation."""
+
+    name: str = "recipe"
+    description: str = ""
+    model: dict[str, Any] = field(default_factory=dict)  # {preset: tiny, overrides: {...}} or {checkpoint: DIR}
+    data: dict[str, Any] = field(default_factory=dict)  # {tasks: [...]} tasks to build
+    stages: list[dict[str, Any]] = field(default_factory=list)  # {stage: PRESET, overrides: {...}}
+    eval: dict[str, Any] = field(default_factory=dict)  # {tasks: SUITE, batch_size: N, limit: N}
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ConfigError(f"recipe {self.name}: no stages")
+        if not self.model:
+            raise ConfigError(f"recipe {self.name}: model is required ({{preset: ...}} or {{checkpoint: ...}})")
+        self.stage_configs()
+
+    def stage_configs(self) -> list[StageConfig]:
+        return [load_stage(s.get("stage", s.get("name")), s.get("overrides", {})) for s in self.stages]
+
+
+def _configs_dir(kind: str) -> Path:
+    return Path(str(resources.files("unimoe.configs") / kind))
+
+
+def _load_yaml(kind: str, name_or_path: str | Path) -> tuple[dict[str, Any], Path]:
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = _configs_dir(kind) / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in _configs_dir(kind).glob("*.yaml")))
+        raise ConfigError(f"unknown {kind[:-1]} {str(name_or_path)!r}; choose one of: {known} (or a YAML path)")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping")
+    return data, path
+
+
+def load_stage(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> StageConfig:
+    data, path = _load_yaml("stages", name_or_path)
+    data = apply_overrides(data, overrides or {})
+    data.setdefault("name", path.stem)
+    return config_from_dict(StageConfig, data, where=f"stage {path.stem}")
+
+
+def load_recipe(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> RecipeConfig:
+    data, path = _load_yaml("recipes", name_or_path)
+    data = apply_overrides(data, overrides or {})
+    data.setdefault("name", path.stem)
+    return config_from_dict(RecipeConfig, data, where=f"recipe {path.stem}")
+
+
+def list_stage_presets() -> list[str]:
+    return sorted(p.stem for p in _configs_dir("stages").glob("*.yaml"))
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in _configs_dir("recipes").glob("*.yaml"))

@@ -1,0 +1,99 @@
+"""Training data: a deterministic, modality-balanced schedule of records over the built tasks, and the collator.
+
+The whole sample schedule of a stage is a function of the seed (``(steps, batch)`` pairs of task and record
+indices), so a resumed run sees exactly the batches an uninterrupted run would have seen from that step on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from unimoe.data.build import read_marker, task_dir
+from unimoe.data.records import read_split
+from unimoe.errors import ConfigError
+from unimoe.train.config import DataMix
+
+
+class TrainData:
+    def __init__(self, data_root: str | Path, mix: DataMix):
+        if not mix.tasks:
+            raise ConfigError("data.tasks: a training stage needs at least one task")
+        self.tasks = list(mix.tasks)
+        self.mix = mix
+        self.records: list[list[dict[str, Any]]] = []
+        self.modality: list[str] = []
+        for name in self.tasks:
+            path = task_dir(data_root, name)
+            records = [r for r in read_split(path, mix.split) if _is_text_target(r)]
+            if not records:
+                raise ConfigError(f"data.tasks: {name} has no {mix.split} records with a text answer to train on")
+            self.records.append(records)
+            self.modality.append(read_marker(path)["card"]["modality"])
+
+    def schedule(self, steps: int, batch_size: int, seed: int) -> np.ndarray:
+        """``(steps * batch_size, 2)`` task / record indices."""
+        rng = np.random.default_rng(seed)
+        n = steps * batch_size
+        weights = np.array([self.mix.weights.get(t, 1.0) for t in self.tasks], dtype=np.float64)
+        if self.mix.balance == "record":
+            weights = weights * np.array([len(r) for r in self.records])
+        if self.mix.balance == "modality":
+            # each modality gets the same share; tasks of a modality split it by their weights
+            groups: dict[str, float] = {}
+            for m, w in zip(self.modality, weights):
+                groups[m] = groups.get(m, 0.0) + w
+            weights = np.array([w / groups[m] for m, w in zip(self.modality, weights)])
+        task_ids = rng.choice(len(self.tasks), size=n, p=weights / weights.sum())
+        record_ids = np.array([rng.integers(len(self.records[t])) for t in task_ids])
+        return np.stack([task_ids, record_ids], axis=1)
+
+    def item(self, task_id: int, record_id: int) -> tuple[dict[str, Any], str]:
+        return self.records[task_id][record_id], self.modality[task_id]
+
+
+def _is_text_target(record: dict[str, Any]) -> bool:
+    """Records whose final assistant turn is text (generation-target records train the generation heads)."""
+    last = record["messages"][-1]
+    return last["role"] == "assistant" and (
+        isinstance(last["content"], str) or all(p.get("type") == "text" for p in last["content"])
+    )
+
+
+class ScheduleDataset(torch.utils.data.Dataset):
+    """Item ``i`` is the ``i``-th scheduled (record, modality) from ``start`` on."""
+
+    def __init__(self, data: TrainData, schedule: np.ndarray, start: int = 0):
+        self.data = data
+        self.schedule = schedule[start:]
+
+    def __len__(self) -> int:
+        return len(self.schedule)
+
+    def __getitem__(self, i: int) -> tuple[dict[str, Any], str]:
+        task_id, record_id = self.schedule[i]
+        return self.data.item(int(task_id), int(record_id))
+
+
+class Collator:
+    """Records → model inputs with labels; in ``specialize`` stages also ``forced_experts`` from each sample's
+    modality (``moe.modality_experts``: every token of a sample goes to its modality's first expert)."""
+
+    def __init__(self, processor, *, forced_experts: dict[str, list[int]] | None = None):
+        self.processor = processor
+        self.forced = forced_experts
+
+    def __call__(self, items: list[tuple[dict[str, Any], str]]):
+        batch = self.processor([record["messages"] for record, _ in items], return_labels=True)
+        if self.forced is not None:
+            ids = []
+            for _, modality in items:
+                if modality not in self.forced:
+                    raise ConfigError(f"moe.modality_experts has no expert for modality {modality!r} (specialize stage)")
+                ids.append(self.forced[modality][0])
+            batch["forced_experts"] = torch.tensor(ids).view(-1, 1).expand_as(batch["input_ids"]).contiguous()
+        batch["sample_modality"] = [m for _, m in items]
+        return batch

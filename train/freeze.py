@@ -1,0 +1,68 @@
+"""Which parameters a stage trains: every parameter belongs to exactly one *part*, and a stage's ``trainable``
+says which parts are on (torchtune's ``*_trainable``, as configuration, never as code edits)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from unimoe.errors import ConfigError
+
+
+def part_of(name: str) -> str:
+    """The part a parameter name belongs to (names as in ``UniMoEForConditionalGeneration.named_parameters``,
+    optionally inside a peft model)."""
+    name = name.removeprefix("base_model.model.")
+    if ".lora_A." in name or ".lora_B." in name:  # peft adapters added by the stage
+        return "lora"
+    if name.startswith("model.encoders."):
+        return "encoders"
+    if name.startswith("model.connectors."):
+        return "connectors"
+    if name.startswith("lm_head."):
+        return "lm_head"
+    if ".embed_tokens." in name:
+        return "embeddings"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp.router." in name:
+        return "routers"
+    if ".mlp.shared_expert" in name:
+        return "shared_experts"
+    if ".mlp.experts." in name:
+        # LoRA experts: the frozen dense FFN is its own part, the low-rank factors are the experts
+        return "experts_base" if name.split(".")[-1] in ("gate_up_proj", "down_proj") and _is_lora(name) else "experts"
+    if ".mlp." in name:
+        return "dense_mlp"
+    if "norm" in name:
+        return "norms"
+    raise ConfigError(f"parameter {name} belongs to no known part")
+
+
+_LORA_NAMES: set[str] = set()
+
+
+def _is_lora(name: str) -> bool:
+    return name.rsplit(".", 1)[0] in _LORA_NAMES
+
+
+def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[str, int]:
+    """Set ``requires_grad`` per part. A part's value is a bool, or for ``encoders`` / ``connectors`` a bool or a
+    list of modalities. Parts not named are frozen. Returns trainable parameter counts per part."""
+    from unimoe.moe import LoRAExperts
+
+    _LORA_NAMES.clear()
+    _LORA_NAMES.update(n for n, m in model.named_modules() if isinstance(m, LoRAExperts))
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        part = part_of(name)
+        flag = True if part == "lora" else trainable.get(part, False)
+        if isinstance(flag, (list, tuple)):  # per modality: model.encoders.<modality>.
+            flag = name.removeprefix("base_model.model.").split(".")[2] in flag
+        param.requires_grad_(bool(flag))
+        if flag:
+            counts[part] = counts.get(part, 0) + param.numel()
+    if not counts:
+        raise ConfigError(f"trainable {trainable} leaves nothing to train")
+    return counts

@@ -1,0 +1,332 @@
+"""One training loop for every stage, on 🤗 accelerate.
+
+Single process, multi-process DDP (gloo on CPU; ``unimoe train --nproc N`` launches it with torchrun), and the
+FSDP / DeepSpeed configs accelerate reads from its environment for people with GPUs. Gradient accumulation, fp32 on
+CPU and bf16 on GPU, cosine schedule with warm-up, gradient clipping, a deterministic modality-balanced sample
+schedule, atomic checkpoints every N steps with ``resume``, a progress bar with loss, throughput and ETA, and metrics
+to TensorBoard and a JSONL log — routing metrics per modality included, with a warning when a router collapses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from unimoe.errors import CheckpointError, ConfigError
+from unimoe.train.config import StageConfig
+from unimoe.train.data import Collator, ScheduleDataset, TrainData
+from unimoe.train.freeze import apply_trainable
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class StageResult:
+    name: str
+    steps: int
+    start_step: int
+    final_loss: float
+    seconds: float
+    tokens_per_second: float
+    peak_memory_mb: float
+    trainable_parameters: dict[str, int] = field(default_factory=dict)
+    checkpoint: str = ""
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint (a directory with a readable trainer state); half-written ones are ignored."""
+    if not ckpt_root.is_dir():
+        return None
+    best, best_step = None, -1
+    for path in ckpt_root.glob("step-*"):
+        try:
+            step = json.loads((path / STATE_FILE).read_text())["step"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if step > best_step:
+            best, best_step = path, step
+    return best
+
+
+def save_training_state(accelerator, ckpt_root: Path, step: int, keep: int) -> Path:
+    """``accelerator.save_state`` into a temporary directory, then an atomic rename: a kill during a save never
+    leaves a corrupt latest checkpoint (the trainer state file is written last and marks completeness)."""
+    final = ckpt_root / f"step-{step:07d}"
+    tmp = ckpt_root / f".tmp-step-{step:07d}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in sorted(ckpt_root.glob("step-*"))[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+# ----------------------------------------------------------------------------- stage preparation
+def prepare_stage_model(model, stage: StageConfig):
+    """Apply the stage's MoE overrides, expert initialization, peft LoRA and trainable parts."""
+    if stage.moe:
+        from unimoe.moe import MoEConfig, SparseMoEBlock
+
+        new_cfg = MoEConfig.from_dict({**model.config.moe, **stage.moe})  # validated; loss coefficients, jitter...
+        model.config.moe = new_cfg.to_dict()
+        for block in model.modules():
+            if isinstance(block, SparseMoEBlock):
+                block.config = new_cfg
+    if stage.init_experts_from is not None:
+        copy_expert_to_all(model, stage.init_experts_from)
+    lora = stage.lora_spec
+    if lora is not None:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules),
+        )
+    counts = apply_trainable(model, stage.trainable)
+    return model, counts
+
+
+@torch.no_grad()
+def copy_expert_to_all(model, source: int) -> None:
+    """Initialize every routed expert from expert ``source`` (specialization starts from the aligned FFN)."""
+    from unimoe.moe import SparseMoEBlock
+
+    for block in model.modules():
+        if isinstance(block, SparseMoEBlock):
+            for param in block.experts.parameters():
+                if param.dim() >= 1 and param.shape[0] == block.num_experts:
+                    param.copy_(param[source : source + 1].expand_as(param))
+
+
+# ----------------------------------------------------------------------------- routing metrics
+def routing_metrics(stats, modalities: list[str], num_experts: int) -> dict[str, float]:
+    """Per-modality load entropy (normalized to [0, 1]) and max expert share, plus layer averages."""
+    out: dict[str, float] = {}
+    if not stats:
+        return out
+    out["router/entropy"] = float(torch.stack([s.entropy for s in stats]).mean())
+    out["router/dropped"] = float(torch.stack([s.dropped for s in stats]).sum())
+    out["router/null_share"] = float(torch.stack([s.null_share for s in stats]).mean())
+    per_mod = torch.stack([s.load_per_modality for s in stats])  # (L, M, E)
+    max_share = 0.0
+    for m, name in enumerate(modalities):
+        load = per_mod[:, m]  # (L, E)
+        if load.sum() == 0:
+            continue
+        share = load / load.sum(-1, keepdim=True).clamp_min(1e-9)
+        ent = -(share * share.clamp_min(1e-12).log()).sum(-1) / math.log(max(share.shape[-1], 2))
+        out[f"router/{name}/load_entropy"] = float(ent.mean())
+        out[f"router/{name}/max_expert_share"] = float(share[:, :num_experts].max(-1).values.mean())
+    total = per_mod.sum(1)
+    total_share = total / total.sum(-1, keepdim=True).clamp_min(1e-9)
+    max_share = float(total_share[:, :num_experts].max())
+    out["router/max_expert_share"] = max_share
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+def train_stage(
+    stage: StageConfig,
+    *,
+    init: str | Path,
+    out_dir: str | Path,
+    data_root: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    max_steps_this_run: int | None = None,
+) -> StageResult:
+    """Train one stage starting from the checkpoint ``init``; the result checkpoint is ``out_dir/final``.
+
+    ``max_steps_this_run`` stops early (after saving) — used by tests to simulate an interrupted run."""
+    from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from unimoe.hub import save_checkpoint
+    from unimoe.inference import load_pretrained
+
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    precision = stage.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    accelerator = Accelerator(
+        gradient_accumulation_steps=stage.grad_accum,
+        mixed_precision="bf16" if precision == "bf16" else "no",
+        log_with="tensorboard",
+        project_dir=str(out_dir),
+        dataloader_config=DataLoaderConfiguration(split_batches=True),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    if stage.batch_size % accelerator.num_processes:
+        raise ConfigError(
+            f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by {accelerator.num_processes} processes"
+        )
+    set_seed(stage.seed)
+    model, processor = load_pretrained(init)
+    modalities = list(model.config.modalities)
+    num_experts = model.config.moe_config.num_experts
+    forced = None
+    if stage.forced_expert is not None:  # every token to one expert: a dense warm-up of that expert
+        forced = {m: [stage.forced_expert] for m in modalities}
+    elif stage.kind == "specialize":
+        forced = model.config.moe_config.modality_experts
+        if not forced:
+            raise ConfigError(f"stage {stage.name}: specialize needs moe.modality_experts (modality -> experts)")
+    model, counts = prepare_stage_model(model, stage)
+    model.train()
+
+    data = TrainData(data_root, stage.data_mix)
+    schedule = data.schedule(stage.steps * stage.grad_accum, stage.batch_size, stage.seed)
+
+    start_step = 0
+    ckpt = latest_checkpoint(ckpt_root) if resume else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, stage.warmup_steps, stage.steps, min_lr_rate=stage.min_lr_ratio
+    )
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
+        start_step = json.loads((ckpt / STATE_FILE).read_text())["step"]
+        accelerator.print(f"resuming {stage.name} from {ckpt} (step {start_step})")
+    elif resume and (out_dir / "final").is_dir():
+        raise CheckpointError(f"stage {stage.name} in {out_dir} already finished; nothing to resume")
+
+    dataset = ScheduleDataset(data, schedule, start=start_step * stage.grad_accum * stage.batch_size)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=stage.batch_size, shuffle=False, collate_fn=Collator(processor, forced_experts=forced)
+    )
+    loader = accelerator.prepare(loader)
+
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "stage.json").write_text(json.dumps({"stage": stage.to_dict(), "init": str(init)}, indent=2))
+    accelerator.init_trackers(stage.name)
+    log_path = out_dir / "train_log.jsonl"
+    unwrapped = accelerator.unwrap_model(model)
+    core = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
+
+    def set_router_warmup(active: bool) -> None:
+        for name, p in unwrapped.named_parameters():
+            if p in trainable_set and ".mlp.router." not in name:
+                p.requires_grad_(not active)
+
+    trainable_set = set(params)
+    in_warmup = stage.router_warmup_steps > start_step
+    if in_warmup:
+        set_router_warmup(True)
+
+    step = start_step
+    last_loss = float("nan")
+    tokens = 0
+    start = time.perf_counter()
+    end_step = stage.steps if max_steps_this_run is None else min(stage.steps, start_step + max_steps_this_run)
+    bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, unit="step",
+               disable=not (progress and accelerator.is_main_process))  # fmt: skip
+    data_iter = iter(loader)
+    while step < end_step:
+        log_now = (step + 1) % stage.log_every == 0 or step + 1 == stage.steps
+        for _ in range(stage.grad_accum):
+            batch = next(data_iter)
+            batch.pop("sample_modality", None)
+            with accelerator.accumulate(model):
+                outputs = model(**batch, output_router_stats=log_now)
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and stage.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, stage.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
+        core.update_router_biases()
+        step += 1
+        if in_warmup and step >= stage.router_warmup_steps:
+            set_router_warmup(False)
+            in_warmup = False
+        loss = accelerator.reduce(outputs.loss.detach(), reduction="mean").item()
+        last_loss = loss
+        elapsed = time.perf_counter() - start
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        if log_now:
+            record = {
+                "step": step,
+                "loss": loss,
+                "lm_loss": float(outputs.lm_loss),
+                "aux_loss": float(outputs.aux_loss),
+                "z_loss": float(outputs.z_loss),
+                "modality_loss": float(outputs.modality_loss),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_second": tokens / max(elapsed, 1e-9),
+                **routing_metrics(outputs.router_stats, modalities, num_experts),
+            }
+            if forced is None and record.get("router/max_expert_share", 0) > stage.collapse_threshold:
+                warnings.warn(
+                    f"stage {stage.name} step {step}: router collapse — one expert takes "
+                    f"{record['router/max_expert_share']:.0%} of a layer's tokens",
+                    stacklevel=1,
+                )
+                record["warning"] = "router_collapse"
+            accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+            if accelerator.is_main_process:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+        if stage.save_every and step % stage.save_every == 0 and step < stage.steps:
+            save_training_state(accelerator, ckpt_root, step, stage.keep_checkpoints)
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    final = out_dir / "final"
+    if step < stage.steps:  # stopped early on purpose: leave a resumable checkpoint
+        save_training_state(accelerator, ckpt_root, step, stage.keep_checkpoints)
+    else:
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            to_save = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
+            save_checkpoint(to_save, final, processor=processor, model_name=f"{out_dir.name}",
+                            notes=f"After training stage `{stage.name}` ({stage.kind}).")  # fmt: skip
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    result = StageResult(
+        name=stage.name,
+        steps=step,
+        start_step=start_step,
+        final_loss=last_loss,
+        seconds=round(seconds, 2),
+        tokens_per_second=round(tokens / max(seconds, 1e-9), 1),
+        peak_memory_mb=round(peak, 1),
+        trainable_parameters=counts,
+        checkpoint=str(final) if step >= stage.steps else "",
+    )
+    if accelerator.is_main_process:
+        (out_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))
+    return result
+
+
+def stage_summary(result: StageResult) -> dict[str, Any]:
+    return dict(result.__dict__)

@@ -1,0 +1,123 @@
+"""``unimoe run RECIPE --out DIR``: data → init → stages → evaluation → final checkpoint with its model card.
+
+Every step leaves a complete artefact before the next starts (``DIR/init``, ``DIR/<n>-<stage>/final``,
+``DIR/eval/results.json``, ``DIR/final``), so ``--resume`` skips finished steps and continues the interrupted stage
+from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from unimoe.errors import CheckpointError
+from unimoe.train.config import RecipeConfig
+
+
+def _train_text(data_root: Path, tasks: list[str]) -> list[str]:
+    """The text of every training conversation (the built-in tokenizer is trained on it)."""
+    from unimoe.data.build import task_dir
+    from unimoe.data.records import read_split
+
+    texts = []
+    for name in tasks:
+        for record in read_split(task_dir(data_root, name), "train"):
+            for message in record["messages"]:
+                content = message["content"]
+                if isinstance(content, str):
+                    texts.append(content)
+                else:
+                    texts += [p["text"] for p in content if p.get("type") == "text"]
+    return texts
+
+
+def run_recipe(
+    recipe: RecipeConfig,
+    out: str | Path,
+    *,
+    data_root: str | Path = "data",
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    from unimoe.data.build import build_suite
+    from unimoe.eval import evaluate, resolve_tasks
+    from unimoe.eval.report import results_table
+    from unimoe.hub import EvalScore, save_checkpoint
+    from unimoe.inference import init_checkpoint, load_pretrained
+    from unimoe.train.loop import latest_checkpoint, train_stage
+
+    out, data_root = Path(out), Path(data_root)
+    if out.exists() and any(out.iterdir()) and not resume and not (out / "final").is_dir():
+        raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+
+    tasks = list(recipe.data.get("tasks", []))
+    t0 = time.perf_counter()
+    build_suite(data_root, tasks or None, seed=recipe.seed, progress=progress)
+    timings["data"] = round(time.perf_counter() - t0, 1)
+
+    init = out / "init"
+    if not (init / "config.json").is_file():
+        model_spec = recipe.model
+        if "checkpoint" in model_spec:
+            init = Path(model_spec["checkpoint"])
+        else:
+            extra = _train_text(data_root, tasks) if tasks else []
+            init_checkpoint(model_spec["preset"], init, model_spec.get("overrides", {}), seed=recipe.seed,
+                            extra_text=extra)  # fmt: skip
+
+    previous = init
+    stage_results = []
+    for i, stage in enumerate(recipe.stage_configs(), 1):
+        if not stage.data_mix.tasks:
+            stage.data = {**stage.data, "tasks": tasks}
+        stage_dir = out / f"{i}-{stage.name}"
+        if (stage_dir / "final" / "config.json").is_file():
+            result = json.loads((stage_dir / "result.json").read_text())
+        else:
+            if latest_checkpoint(stage_dir / "checkpoints") is not None and not resume:
+                raise CheckpointError(f"{stage_dir} has checkpoints of an interrupted run; pass --resume")
+            t0 = time.perf_counter()
+            result = train_stage(stage, init=previous, out_dir=stage_dir, data_root=data_root, resume=resume,
+                                 progress=progress).__dict__  # fmt: skip
+            timings[stage.name] = round(time.perf_counter() - t0, 1)
+        stage_results.append(result)
+        previous = stage_dir / "final"
+
+    t0 = time.perf_counter()
+    model, processor = load_pretrained(previous)
+    eval_cfg = recipe.eval
+    summary = evaluate(
+        model,
+        processor,
+        resolve_tasks(eval_cfg.get("tasks", "tiny")),
+        out_dir=out / "eval",
+        data_root=data_root,
+        batch_size=int(eval_cfg.get("batch_size", 16)),
+        limit=eval_cfg.get("limit"),
+        progress=progress,
+        model_name=recipe.name,
+    )
+    timings["eval"] = round(time.perf_counter() - t0, 1)
+    scores = [EvalScore(task=t, metric=m, value=v) for t, ms in summary["results"].items() for m, v in ms.items()]
+    stage_lines = "\n".join(
+        f"| {r['name']} | {r['steps']} | {r['final_loss']:.3f} | {r['tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} |"
+        for r in stage_results
+    )
+    notes = (
+        f"Trained by the `{recipe.name}` recipe: {recipe.description}\n\n"
+        "| stage | steps | final loss | tokens/s | peak memory (MB) |\n|---|---|---|---|---|\n" + stage_lines
+    )
+    save_checkpoint(model, out / "final", processor=processor, results=scores, model_name=f"unimoe-{recipe.name}",
+                    notes=notes)  # fmt: skip
+    timings["total"] = round(time.perf_counter() - start, 1)
+    run = {"recipe": recipe.name, "stages": stage_results, "results": summary["results"], "timings_s": timings}
+    (out / "run.json").write_text(json.dumps(run, indent=2))
+    if progress:
+        print(results_table(summary))
+        print(f"final checkpoint: {out / 'final'} ({timings['total']:.0f} s)")
+    return run
