@@ -84,6 +84,7 @@ class Collator:
 
     def __init__(self, processor, *, forced_experts: dict[str, list[int]] | None = None):
         self.processor = processor
+        self.processor.enable_feature_cache()
         self.forced = forced_experts
 
     def __call__(self, items: list[tuple[dict[str, Any], str]]):

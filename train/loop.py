@@ -171,6 +171,7 @@ def train_stage(
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # without it accelerate ignores torchrun's env on CPU (no gloo group)
         gradient_accumulation_steps=stage.grad_accum,
         mixed_precision="bf16" if precision == "bf16" else "no",
         log_with="tensorboard",
@@ -200,6 +201,8 @@ def train_stage(
     schedule = data.schedule(stage.steps * stage.grad_accum, stage.batch_size, stage.seed)
 
     start_step = 0
+    if resume and (out_dir / "final" / "config.json").is_file():
+        raise CheckpointError(f"stage {stage.name} in {out_dir} already finished; nothing to resume")
     ckpt = latest_checkpoint(ckpt_root) if resume else None
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
@@ -211,8 +214,6 @@ def train_stage(
         accelerator.load_state(str(ckpt))
         start_step = json.loads((ckpt / STATE_FILE).read_text())["step"]
         accelerator.print(f"resuming {stage.name} from {ckpt} (step {start_step})")
-    elif resume and (out_dir / "final").is_dir():
-        raise CheckpointError(f"stage {stage.name} in {out_dir} already finished; nothing to resume")
 
     dataset = ScheduleDataset(data, schedule, start=start_step * stage.grad_accum * stage.batch_size)
     loader = torch.utils.data.DataLoader(
@@ -274,10 +275,10 @@ def train_stage(
             record = {
                 "step": step,
                 "loss": loss,
-                "lm_loss": float(outputs.lm_loss),
-                "aux_loss": float(outputs.aux_loss),
-                "z_loss": float(outputs.z_loss),
-                "modality_loss": float(outputs.modality_loss),
+                "lm_loss": outputs.lm_loss.item(),
+                "aux_loss": outputs.aux_loss.item(),
+                "z_loss": outputs.z_loss.item(),
+                "modality_loss": outputs.modality_loss.item(),
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_second": tokens / max(elapsed, 1e-9),
                 **routing_metrics(outputs.router_stats, modalities, num_experts),

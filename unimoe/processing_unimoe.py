@@ -11,6 +11,7 @@ A message part is ``{"type": "text", "text": ...}`` or ``{"type": <modality>, "p
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -112,12 +113,30 @@ class UniMoEProcessor(ProcessorMixin):
         return list(self._encoders)
 
     # ------------------------------------------------------------------ media
+    def enable_feature_cache(self, max_items: int = 50_000) -> None:
+        """Keep preprocessed features of media *files* in memory (keyed by path, size and mtime): training
+        samples the same files many times, and decoding + feature extraction would otherwise dominate a step."""
+        self._cache: OrderedDict | None = OrderedDict()
+        self._cache_max = max_items
+
     def load_part(self, part: dict[str, Any]) -> dict[str, torch.Tensor]:
         """Load and preprocess one media part → ``{"values": (U, ...), ["mask": (U, ...)]}``."""
         modality = part["type"]
         cls, enc_cfg = self._encoders[modality]
-        media = cls.load(_part_source(part), enc_cfg, max_bytes=self.max_file_bytes)
-        return cls.preprocess(media, enc_cfg)
+        source = _part_source(part)
+        key = None
+        if getattr(self, "_cache", None) is not None and isinstance(source, (str, Path)) and Path(source).is_file():
+            stat = Path(source).stat()
+            key = (modality, str(source), stat.st_size, stat.st_mtime_ns)
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        features = cls.preprocess(cls.load(source, enc_cfg, max_bytes=self.max_file_bytes), enc_cfg)
+        if key is not None:
+            self._cache[key] = features
+            if len(self._cache) > self._cache_max:
+                self._cache.popitem(last=False)
+        return features
 
     def num_media_tokens(self, modality: str, features: dict[str, torch.Tensor]) -> int:
         return features["values"].shape[0] * self._tokens_per_unit[modality]

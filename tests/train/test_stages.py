@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unimoe.errors import CheckpointError, ConfigError
+from unimoe.train import list_recipes, list_stage_presets, load_recipe, load_stage, train_stage
+from unimoe.train.freeze import apply_trainable, part_of
+from unimoe.train.loop import STATE_FILE, latest_checkpoint, routing_metrics
+
+TASKS = ["text_qa", "digits_cls"]
+
+
+def small(stage, **kw):
+    base = {"steps": 3, "batch_size": 4, "log_every": 1, "warmup_steps": 1, "data": {"tasks": TASKS}}
+    return load_stage(stage, {**base, **kw})
+
+
+def test_every_shipped_stage_and_recipe_validates():
+    assert {"align", "specialize", "tune"} <= set(list_stage_presets())
+    for name in list_stage_presets():
+        load_stage(name)
+    assert {"tiny", "dense"} <= set(list_recipes())
+    for name in list_recipes():
+        recipe = load_recipe(name)
+        assert len(recipe.stage_configs()) >= 2
+
+
+def test_bad_stage_configs_name_the_field():
+    with pytest.raises(ConfigError, match="kind"):
+        load_stage("align", {"kind": "dance"})
+    with pytest.raises(ConfigError, match="unknown part"):
+        load_stage("align", {"trainable": {"wings": True}})
+    with pytest.raises(ConfigError, match="steps"):
+        load_stage("align", {"steps": 0})
+    with pytest.raises(ConfigError, match="unknown stage"):
+        load_stage("nope")
+
+
+@pytest.mark.parametrize("stage", ["align", "specialize", "tune"])
+def test_every_stage_smoke_runs(stage, init_ckpt, train_data, tmp_path):
+    cfg = small(stage, **({"forced_expert": 0, "trainable": {"attention": True, "connectors": True}}
+                          if stage == "align" else {}))  # fmt: skip
+    result = train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False)
+    assert result.steps == 3 and result.checkpoint
+    log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+    assert "router/image/load_entropy" in log[-1] and "tokens_per_second" in log[-1]
+    # the final checkpoint is a plain UniMoE checkpoint (peft LoRA merged away)
+    weights = load_file(str(tmp_path / "final" / "model.safetensors"))
+    assert not any("lora_A." in k or "base_model" in k for k in weights)
+
+
+def test_specialize_trains_each_modalitys_expert_only(init_ckpt, train_data, tmp_path):
+    before = load_file(str(init_ckpt / "model.safetensors"))
+    cfg = small("specialize", init_experts_from=None, data={"tasks": ["digits_cls"]})
+    train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False)
+    after = load_file(str(tmp_path / "final" / "model.safetensors"))
+    key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    changed = [not torch.equal(before[key][e], after[key][e]) for e in range(6)]
+    assert changed == [False, True, False, False, False, False]  # image samples -> expert 1 only
+    assert torch.equal(before["model.language_model.layers.0.mlp.router.weight"],
+                       after["model.language_model.layers.0.mlp.router.weight"])  # fmt: skip
+
+
+def test_resume_continues_exactly(init_ckpt, train_data, tmp_path):
+    cfg = small("align", steps=6, save_every=2, forced_expert=0, trainable={"attention": True, "experts": True})
+    full = train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "full", data_root=train_data, progress=False)
+    part = train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "part", data_root=train_data, progress=False,
+                       max_steps_this_run=3)  # fmt: skip
+    assert part.steps == 3 and not (tmp_path / "part" / "final").exists()
+    assert latest_checkpoint(tmp_path / "part" / "checkpoints").name == "step-0000003"
+    resumed = train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "part", data_root=train_data, resume=True,
+                          progress=False)  # fmt: skip
+    assert resumed.start_step == 3 and resumed.steps == 6
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert resumed.final_loss == pytest.approx(full.final_loss, rel=1e-5)
+    with pytest.raises(CheckpointError, match="already finished"):
+        train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "part", data_root=train_data, resume=True, progress=False)
+
+
+def test_half_written_checkpoints_are_ignored(tmp_path):
+    root = tmp_path / "checkpoints"
+    (root / "step-0000004").mkdir(parents=True)
+    (root / "step-0000004" / STATE_FILE).write_text(json.dumps({"step": 4}))
+    (root / "step-0000006").mkdir()  # killed before its state file was written
+    (root / ".tmp-step-0000008").mkdir()  # killed mid-save
+    (root / "step-0000005").mkdir()
+    (root / "step-0000005" / STATE_FILE).write_text("{trunc")
+    assert latest_checkpoint(root).name == "step-0000004"
+
+
+def test_trainable_parts(init_ckpt):
+    from unimoe.hub import load_model
+
+    model = load_model(init_ckpt)
+    counts = apply_trainable(model, {"routers": True, "encoders": ["image"]})
+    assert set(counts) == {"routers", "encoders"}
+    for name, p in model.named_parameters():
+        assert p.requires_grad == (part_of(name) == "routers" or name.startswith("model.encoders.image."))
+    with pytest.raises(ConfigError, match="nothing to train"):
+        apply_trainable(model, {})
+
+
+def test_router_collapse_is_flagged():
+    from unimoe.moe.losses import RouterStats
+
+    load = torch.tensor([[0.0, 0.0], [98.0, 2.0]]).T  # 2 modalities x 2 experts: text all on expert 0
+    stats = RouterStats(load=load.sum(0), load_per_modality=torch.tensor([[98.0, 2.0], [0.0, 0.0]]),
+                        dropped=torch.tensor(0.0), null_share=torch.tensor(0.0), entropy=torch.tensor(0.1),
+                        num_tokens=torch.tensor(50.0))  # fmt: skip
+    metrics = routing_metrics([stats], ["text", "image"], num_experts=2)
+    assert metrics["router/max_expert_share"] == pytest.approx(0.98)
+    assert metrics["router/text/max_expert_share"] == pytest.approx(0.98)
