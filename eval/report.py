@@ -35,8 +35,8 @@ def write_reports(summary: dict[str, Any], out_dir: Path, *, num_experts: int) -
     matrices = {m: np.asarray(v) for m, v in summary.get("expert_load", {}).items()}
     if not matrices:
         return
-    parts = ["# Expert load per modality", "",
-             "Share of each modality's routed slots per MoE layer (rows) and expert (columns; n* = null experts).", ""]  # fmt: skip
+    intro = "Share of each modality's routed slots per MoE layer (rows) and expert (columns; n* = null experts)."
+    parts = ["# Expert load per modality", "", intro, ""]
     for modality, mat in matrices.items():
         parts += [f"## {modality}", "", format_load_table(mat, num_experts=num_experts), ""]
     spec = specialization(matrices)

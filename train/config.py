@@ -87,9 +87,7 @@ class StageConfig:
                 raise ConfigError(f"stage {self.name}: {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"stage {self.name}: lr must be > 0")
-        self.data_mix  # validate
-        if self.lora is not None:
-            config_from_dict(LoraSpec, self.lora, where=f"stage {self.name}: lora")
+        _ = self.data_mix, self.lora_spec  # validate the nested sections now
 
     @property
     def data_mix(self) -> DataMix:

@@ -93,7 +93,7 @@ class Collator:
             ids = []
             for _, modality in items:
                 if modality not in self.forced:
-                    raise ConfigError(f"moe.modality_experts has no expert for modality {modality!r} (specialize stage)")
+                    raise ConfigError(f"moe.modality_experts: no expert for modality {modality!r} (specialize stage)")
                 ids.append(self.forced[modality][0])
             batch["forced_experts"] = torch.tensor(ids).view(-1, 1).expand_as(batch["input_ids"]).contiguous()
         batch["sample_modality"] = [m for _, m in items]

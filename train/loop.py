@@ -180,9 +180,8 @@ def train_stage(
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
     if stage.batch_size % accelerator.num_processes:
-        raise ConfigError(
-            f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by {accelerator.num_processes} processes"
-        )
+        n = accelerator.num_processes
+        raise ConfigError(f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by {n} processes")
     set_seed(stage.seed)
     model, processor = load_pretrained(init)
     modalities = list(model.config.modalities)

@@ -105,7 +105,8 @@ def run_recipe(
     timings["eval"] = round(time.perf_counter() - t0, 1)
     scores = [EvalScore(task=t, metric=m, value=v) for t, ms in summary["results"].items() for m, v in ms.items()]
     stage_lines = "\n".join(
-        f"| {r['name']} | {r['steps']} | {r['final_loss']:.3f} | {r['tokens_per_second']:.0f} | {r['peak_memory_mb']:.0f} |"
+        f"| {r['name']} | {r['steps']} | {r['final_loss']:.3f} | {r['tokens_per_second']:.0f} "
+        f"| {r['peak_memory_mb']:.0f} |"
         for r in stage_results
     )
     notes = (

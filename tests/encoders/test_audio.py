@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+
 from unimoe.encoders import MediaError, build_encoder, encoder_class, list_encoders
 from unimoe.encoders.audio import AudioEncoder, AudioEncoderConfig, _feature_extractor
-
 from unimoe.errors import ConfigError
 
 SR = 16000

@@ -13,7 +13,8 @@ UNIMOE = str(Path(sys.executable).parent / "unimoe")
 def run_stage(init, data, out, nproc):
     cmd = [UNIMOE, "train", "align", "--init", str(init), "--out", str(out), "--data", str(data),
            "--nproc", str(nproc), "steps=3", "batch_size=8", "log_every=1", "warmup_steps=1", "forced_expert=0",
-           "data.tasks=[text_qa, digits_cls]", "trainable={attention: true, experts: true, connectors: true}"]  # fmt: skip
+           "data.tasks=[text_qa, digits_cls]",
+           "trainable={attention: true, experts: true, connectors: true}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]

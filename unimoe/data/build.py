@@ -189,7 +189,9 @@ def task_dir(data_root: str | Path, name: str) -> Path:
     """The directory of a built task, or a :class:`DataError` that says how to build it."""
     path = Path(data_root) / name
     if not Path(data_root).is_dir():
-        raise DataError(f"data directory {data_root} does not exist; build it with `unimoe data build --out {data_root}`")
+        raise DataError(
+            f"data directory {data_root} does not exist; build it with `unimoe data build --out {data_root}`"
+        )
     if read_marker(path) is None:
         raise DataError(
             f"task {name!r} in {data_root} is missing or incomplete; run `unimoe data build --out {data_root} "

@@ -167,7 +167,9 @@ class SparseMoEBlock(nn.Module):
         valid = torch.ones_like(index, dtype=torch.bool) if mask is None else mask.view(-1, 1)
         probs = torch.nn.functional.one_hot(index[:, 0], self.config.num_total_experts).float()
         routing = Routing(expert_index=index, weight=valid.to(x.dtype), valid=valid, probs=probs)
-        plan = make_plan(routing.expert_index, routing.weight, routing.computed_mask(self.num_experts), self.num_experts)
+        plan = make_plan(
+            routing.expert_index, routing.weight, routing.computed_mask(self.num_experts), self.num_experts
+        )
         out = self.experts(x, plan)
         if self.shared_experts is not None:
             shared = self.shared_experts(x)
