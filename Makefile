@@ -21,8 +21,10 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The main job: build the offline data, train the three stages, evaluate, write runs/tiny/final with its card.
+# Re-running continues an interrupted run (--resume) and skips finished steps.
 quickstart: $(STAMP)
-	$(BIN)/unimoe quickstart --out runs/quickstart
+	$(BIN)/unimoe run tiny --out runs/tiny --data data --resume
 
 bench: $(STAMP)
 	$(BIN)/python bench/moe_layer.py --json bench/results/moe_layer.json

@@ -71,10 +71,10 @@ def test_upcycle_cli(dense_qwen2_dir, tmp_path):
     assert cfg["moe"]["router_jitter"] == 0.01
 
 
-def test_quickstart_runs_end_to_end(tmp_path):
-    from unimoe.quickstart import run_quickstart
+def test_smoke_runs_end_to_end(tmp_path):
+    from unimoe.smoke import run_smoke
 
-    summary = run_quickstart(tmp_path, steps=3, batch_size=4)
+    summary = run_smoke(tmp_path, steps=3, batch_size=4)
     assert summary["reload_max_abs_logit_diff"] < 1e-5
     assert summary["last_lm_loss"] < summary["first_lm_loss"]
     assert (tmp_path / "routing_heatmap.png").stat().st_size > 1000

@@ -204,10 +204,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_quickstart(args: argparse.Namespace) -> int:
-    from unimoe.quickstart import run_quickstart
+def cmd_smoke(args: argparse.Namespace) -> int:
+    from unimoe.smoke import run_smoke
 
-    run_quickstart(args.out, steps=args.steps, seed=args.seed)
+    run_smoke(args.out, steps=args.steps, seed=args.seed)
     return 0
 
 
@@ -296,11 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("quickstart", help="build, exercise, save and reload the tiny model")
-    p.add_argument("--out", default="runs/quickstart")
+    p = sub.add_parser("smoke", help="in seconds: build, briefly train, save and reload the tiny model")
+    p.add_argument("--out", default="runs/smoke")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_quickstart)
+    p.set_defaults(func=cmd_smoke)
     return parser
 
 

@@ -1,4 +1,4 @@
-"""``unimoe quickstart``: build the tiny model and its tokenizer, train it briefly on built-in text, generate,
+"""``unimoe smoke``: build the tiny model and its tokenizer, train it briefly on built-in text, generate,
 save a checkpoint, reload it with ``AutoModelForCausalLM`` and check the logits are identical, and draw the
 routing heatmap. A few seconds on a CPU; the full offline recipe (``unimoe run tiny``) builds on the same parts."""
 
@@ -17,7 +17,7 @@ from unimoe.tokenizer import build_tokenizer, builtin_corpus
 from unimoe.viz import format_load_table, load_matrix, routing_heatmap
 
 
-def run_quickstart(out: str | Path, *, steps: int = 30, seed: int = 0, batch_size: int = 16) -> dict:
+def run_smoke(out: str | Path, *, steps: int = 30, seed: int = 0, batch_size: int = 16) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -30,7 +30,7 @@ def run_quickstart(out: str | Path, *, steps: int = 30, seed: int = 0, batch_siz
     model.train()
     losses = []
     start = time.perf_counter()
-    for _ in (bar := tqdm(range(steps), desc="quickstart train", unit="step")):
+    for _ in (bar := tqdm(range(steps), desc="smoke train", unit="step")):
         idx = torch.randint(len(texts), (batch_size,), generator=gen).tolist()
         batch = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
@@ -49,7 +49,7 @@ def run_quickstart(out: str | Path, *, steps: int = 30, seed: int = 0, batch_siz
         stats = model(**tokenizer(texts[:64], return_tensors="pt", padding=True), output_router_stats=True).router_stats
     sample = tokenizer.decode(generated[0], skip_special_tokens=True)
 
-    ckpt = save_checkpoint(model, out / "checkpoint", tokenizer=tokenizer, model_name="unimoe-tiny-quickstart")
+    ckpt = save_checkpoint(model, out / "checkpoint", tokenizer=tokenizer, model_name="unimoe-tiny-smoke")
     from transformers import AutoModelForCausalLM
 
     reloaded = AutoModelForCausalLM.from_pretrained(ckpt)

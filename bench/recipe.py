@@ -1,0 +1,171 @@
+"""The recipe benchmark: the claims of the README's results section, measured in one run.
+
+    python bench/recipe.py --json bench/results/recipe.json [--parts tiny,dense,baselines,kill] [--data data]
+
+* ``tiny``      — ``unimoe run tiny``: wall clock (target <= 30 min on 2 CPU cores), per-stage tokens/s and peak
+                  memory, and the held-out scores against the per-task targets;
+* ``dense``     — ``unimoe run dense`` (same active parameters and budget): the MoE recipe should win on average;
+* ``baselines`` — ``bench/baselines.py`` on the same splits: the floor every task should beat;
+* ``kill``      — a shortened recipe killed with SIGKILL in the middle of a stage, restarted with ``--resume``,
+                  must end with the same final metrics as an uninterrupted run.
+
+Prints a table and writes JSON. Runs reuse ``--runs DIR/<name>`` when complete (delete them to re-measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+UNIMOE = str(Path(sys.executable).parent / "unimoe")
+
+TARGETS = {  # accuracy on the held-out test splits (issue: Step 4)
+    "vqa_easy": 0.75,
+    "digits_cls": 0.95,
+    "speech_words": 0.90,
+    "video_motion": 0.80,
+    "shapes3d": 0.90,
+    "ts_classify": 0.90,
+    "text_qa": 0.90,
+}
+PRIMARY = {"speech_asr": ("wer", False), "ts_forecast": ("mase", False)}  # (metric, higher is better)
+
+
+def primary(task: str) -> tuple[str, bool]:
+    return PRIMARY.get(task, ("accuracy", True))
+
+
+def run_recipe(recipe: str, out: Path, data: Path, extra: list[str] = ()) -> dict:
+    if not (out / "run.json").is_file():
+        start = time.perf_counter()
+        subprocess.run([UNIMOE, "run", recipe, "--out", str(out), "--data", str(data), "--resume", *extra], check=True)
+        wall = time.perf_counter() - start
+        run = json.loads((out / "run.json").read_text())
+        run["wall_s"] = round(wall, 1)
+        (out / "run.json").write_text(json.dumps(run, indent=2))
+    return json.loads((out / "run.json").read_text())
+
+
+def suite_average(results: dict) -> float:
+    """Mean over tasks of the primary metric, with lower-is-better metrics turned into 1 - min(value, 1)."""
+    values = []
+    for task, metrics in results.items():
+        name, higher = primary(task)
+        if name in metrics:
+            v = metrics[name]
+            values.append(v if higher else 1.0 - min(v, 1.0))
+    return sum(values) / max(len(values), 1)
+
+
+def short_recipe(path: Path, steps: int) -> Path:
+    data = yaml.safe_load((ROOT / "configs" / "recipes" / "tiny.yaml").read_text())
+    for stage in data["stages"]:
+        stage["overrides"].update({"steps": steps, "save_every": max(steps // 4, 1), "warmup_steps": 5})
+        stage["overrides"].pop("router_warmup_steps", None)
+    data["eval"] = {"tasks": "tiny", "batch_size": 32, "limit": 64}
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def kill_and_resume(runs: Path, data: Path, steps: int = 60) -> dict:
+    recipe = short_recipe(runs / "short.yaml", steps)
+    straight = runs / "kill-straight"
+    if not (straight / "run.json").is_file():
+        subprocess.run([UNIMOE, "run", str(recipe), "--out", str(straight), "--data", str(data)], check=True)
+    killed = runs / "kill-resumed"
+    if killed.exists():
+        import shutil
+
+        shutil.rmtree(killed)
+    proc = subprocess.Popen([UNIMOE, "run", str(recipe), "--out", str(killed), "--data", str(data)],
+                            start_new_session=True)  # fmt: skip
+    # wait until the second stage has written a checkpoint, then SIGKILL the whole process group mid-stage
+    deadline = time.time() + 1800
+    while time.time() < deadline and proc.poll() is None:
+        if list((killed / "2-specialize" / "checkpoints").glob("step-*")):
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run([UNIMOE, "run", str(recipe), "--out", str(killed), "--data", str(data), "--resume"], check=True)
+    a = json.loads((straight / "run.json").read_text())["results"]
+    b = json.loads((killed / "run.json").read_text())["results"]
+    same = all(abs(a[t][m] - b[t][m]) < 1e-6 for t in a for m in a[t])
+    return {"identical_final_metrics": same, "straight": a, "resumed": b}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", default="bench/results/recipe.json")
+    parser.add_argument("--parts", default="tiny,dense,baselines,kill")
+    parser.add_argument("--data", default="data")
+    parser.add_argument("--runs", default="runs/bench")
+    args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    runs, data = Path(args.runs), Path(args.data)
+    runs.mkdir(parents=True, exist_ok=True)
+    report: dict = {"targets": TARGETS}
+
+    if "tiny" in parts:
+        report["tiny"] = run_recipe("tiny", runs / "tiny", data)
+    if "dense" in parts:
+        report["dense"] = run_recipe("dense", runs / "dense", data)
+    if "baselines" in parts:
+        out = runs / "baselines.json"
+        subprocess.run([sys.executable, str(ROOT / "bench" / "baselines.py"), "--data", str(data), "--json", str(out)],
+                       check=False)  # fmt: skip
+        report["baselines"] = json.loads(out.read_text()) if out.is_file() else {}
+    if "kill" in parts:
+        report["kill_resume"] = kill_and_resume(runs, data)
+
+    # ---- table
+    tasks = sorted({t for k in ("tiny", "dense") if k in report for t in report[k]["results"]})
+    base = report.get("baselines", {}).get("results", {})
+    print(f"{'task':14} {'metric':9} {'target':>7} {'moe':>8} {'dense':>8} {'baseline':>9}  verdict")
+    for task in tasks:
+        metric, higher = primary(task)
+        moe = report.get("tiny", {}).get("results", {}).get(task, {}).get(metric)
+        dense = report.get("dense", {}).get("results", {}).get(task, {}).get(metric)
+        floor = max((v.get(metric) for v in base.get(task, {}).values() if isinstance(v, dict) and metric in v),
+                    default=base.get(task, {}).get(metric))  # fmt: skip
+        target = TARGETS.get(task)
+        verdict = []
+        if moe is not None and target is not None:
+            verdict.append("target met" if moe >= target else "target MISSED")
+        if moe is not None and floor is not None:
+            beat = moe > floor if higher else moe < floor
+            verdict.append("beats baseline" if beat else "below baseline")
+
+        def fmt(x):
+            return f"{x:8.3f}" if isinstance(x, (int, float)) else f"{'-':>8}"
+
+        print(
+            f"{task:14} {metric:9} {fmt(target)[1:]:>7} {fmt(moe)} {fmt(dense)} {fmt(floor):>9}  {', '.join(verdict)}"
+        )
+    for name in ("tiny", "dense"):
+        if name in report:
+            r = report[name]
+            report[name]["suite_average"] = suite_average(r["results"])
+            print(f"{name}: suite average {report[name]['suite_average']:.3f}, wall {r.get('wall_s', 0) / 60:.1f} min")
+            for s in r["stages"]:
+                print(f"  {s['name']:11} {s['steps']:5d} steps  {s['tokens_per_second']:8.0f} tok/s  "
+                      f"peak {s['peak_memory_mb']:.0f} MB")  # fmt: skip
+    if "kill_resume" in report:
+        print(f"kill -9 + --resume gives identical final metrics: {report['kill_resume']['identical_final_metrics']}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
