@@ -14,6 +14,7 @@ feature tensors, and encoding those into tokens — so the processor and the mod
 
 from __future__ import annotations
 
+import abc
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -85,7 +86,7 @@ def check_size(source: Any, max_bytes: int | None) -> None:
             raise MediaError(source, f"{len(source):,} bytes, above the limit of {max_bytes:,} (media.max_file_bytes)")
 
 
-class MediaEncoder(nn.Module):
+class MediaEncoder(nn.Module, abc.ABC):
     """Base class of the modality encoders (see the module docstring for the contract)."""
 
     modality: ClassVar[str] = ""
@@ -97,21 +98,25 @@ class MediaEncoder(nn.Module):
 
     # -- media side (classmethods: the processor calls them without building the network) --
     @classmethod
+    @abc.abstractmethod
     def load(cls, source: Any, config: Any, *, max_bytes: int | None = None) -> Any:
-        raise NotImplementedError
+        """Decode a path / bytes / array; raise :class:`MediaError` for anything unusable."""
 
     @classmethod
+    @abc.abstractmethod
     def preprocess(cls, media: Any, config: Any) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """Decoded media → ``{"values": (U, ...), ["mask": ...]}``."""
 
     @classmethod
+    @abc.abstractmethod
     def tokens_per_unit(cls, config: Any) -> int:
-        raise NotImplementedError
+        """Tokens ``forward`` returns per unit."""
 
     # -- network side --
     @property
+    @abc.abstractmethod
     def output_dim(self) -> int:
-        raise NotImplementedError
+        """Width of the tokens ``forward`` returns."""
 
     def load_pretrained(self, path: str | Path) -> None:
         """Load local weights (a ``.safetensors`` file or a directory holding ``model.safetensors``)."""
