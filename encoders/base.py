@@ -44,27 +44,6 @@ def describe_source(source: Any) -> str:
     return f"<array {tuple(shape)}>" if shape is not None else f"<{type(source).__name__}>"
 
 
-def read_bytes(source: str | Path | bytes, *, max_bytes: int | None = None) -> bytes:
-    """Read a file (or pass bytes through) with the checks every modality needs: exists, not empty, not too big."""
-    if isinstance(source, (bytes, bytearray)):
-        data = bytes(source)
-    else:
-        path = Path(source)
-        if not path.exists():
-            raise MediaError(source, "file does not exist")
-        if path.is_dir():
-            raise MediaError(source, "is a directory, expected a file")
-        size = path.stat().st_size
-        if max_bytes is not None and size > max_bytes:
-            raise MediaError(source, f"file is {size:,} bytes, above the limit of {max_bytes:,} (media.max_file_bytes)")
-        data = path.read_bytes()
-    if not data:
-        raise MediaError(source, "file is empty")
-    if max_bytes is not None and len(data) > max_bytes:
-        raise MediaError(source, f"{len(data):,} bytes, above the limit of {max_bytes:,} (media.max_file_bytes)")
-    return data
-
-
 def check_size(source: Any, max_bytes: int | None) -> None:
     """Raise before decoding a file that is missing, empty or above the size limit."""
     if isinstance(source, (str, Path)):
@@ -146,15 +125,10 @@ ENCODERS: Registry[type[MediaEncoder]] = Registry("encoder type")
 
 def build_encoder(modality: str, spec: dict[str, Any]) -> MediaEncoder:
     """Build the encoder of ``spec["type"]`` and load ``spec["pretrained"]`` weights if given."""
-    spec = dict(spec)
-    name = spec.pop("type", None)
-    if name is None:
-        raise ConfigError(f"encoders.{modality}.type is missing; choose one of: {', '.join(ENCODERS.names())}")
-    cls = ENCODERS.get(name, field=f"encoders.{modality}.type")
-    pretrained = spec.pop("pretrained", None)
-    encoder = cls(config_from_dict(cls.Config, spec, where=f"encoders.{modality}"))
-    if pretrained:
-        encoder.load_pretrained(pretrained)
+    cls, config = encoder_class(spec, modality)
+    encoder = cls(config)
+    if spec.get("pretrained"):
+        encoder.load_pretrained(spec["pretrained"])
     return encoder
 
 
@@ -162,6 +136,8 @@ def encoder_class(spec: dict[str, Any], modality: str) -> tuple[type[MediaEncode
     """The class and validated config of an encoder spec, without building the network."""
     spec = dict(spec)
     name = spec.pop("type", None)
+    if name is None:
+        raise ConfigError(f"encoders.{modality}.type is missing; choose one of: {', '.join(ENCODERS.names())}")
     cls = ENCODERS.get(name, field=f"encoders.{modality}.type")
     spec.pop("pretrained", None)
     return cls, config_from_dict(cls.Config, spec, where=f"encoders.{modality}")

@@ -18,7 +18,6 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -128,7 +127,6 @@ def routing_metrics(stats, modalities: list[str], num_experts: int) -> dict[str,
     out["router/dropped"] = float(torch.stack([s.dropped for s in stats]).sum())
     out["router/null_share"] = float(torch.stack([s.null_share for s in stats]).mean())
     per_mod = torch.stack([s.load_per_modality for s in stats])  # (L, M, E)
-    max_share = 0.0
     for m, name in enumerate(modalities):
         load = per_mod[:, m]  # (L, E)
         if load.sum() == 0:
@@ -326,7 +324,3 @@ def train_stage(
     if accelerator.is_main_process:
         (out_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))
     return result
-
-
-def stage_summary(result: StageResult) -> dict[str, Any]:
-    return dict(result.__dict__)
