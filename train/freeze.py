@@ -9,11 +9,14 @@ import torch
 
 from unimoe.errors import ConfigError
 
+PEFT_PREFIX = "base_model.model."
 
-def part_of(name: str) -> str:
+
+def part_of(name: str, lora_expert_modules: frozenset[str] = frozenset()) -> str:
     """The part a parameter name belongs to (names as in ``UniMoEForConditionalGeneration.named_parameters``,
-    optionally inside a peft model)."""
-    name = name.removeprefix("base_model.model.")
+    optionally inside a peft model). ``lora_expert_modules`` names the LoRA-expert modules (peft prefix removed),
+    whose frozen dense FFN is the part ``experts_base``."""
+    name = name.removeprefix(PEFT_PREFIX)
     if ".lora_A." in name or ".lora_B." in name:  # peft adapters added by the stage
         return "lora"
     if name.startswith("model.encoders."):
@@ -32,7 +35,9 @@ def part_of(name: str) -> str:
         return "shared_experts"
     if ".mlp.experts." in name:
         # LoRA experts: the frozen dense FFN is its own part, the low-rank factors are the experts
-        return "experts_base" if name.split(".")[-1] in ("gate_up_proj", "down_proj") and _is_lora(name) else "experts"
+        module, leaf = name.rsplit(".", 1)
+        is_base = leaf in ("gate_up_proj", "down_proj") and module in lora_expert_modules
+        return "experts_base" if is_base else "experts"
     if ".mlp." in name:
         return "dense_mlp"
     if "norm" in name:
@@ -40,26 +45,20 @@ def part_of(name: str) -> str:
     raise ConfigError(f"parameter {name} belongs to no known part")
 
 
-_LORA_NAMES: set[str] = set()
-
-
-def _is_lora(name: str) -> bool:
-    return name.rsplit(".", 1)[0] in _LORA_NAMES
-
-
 def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[str, int]:
     """Set ``requires_grad`` per part. A part's value is a bool, or for ``encoders`` / ``connectors`` a bool or a
     list of modalities. Parts not named are frozen. Returns trainable parameter counts per part."""
     from unimoe.moe import LoRAExperts
 
-    _LORA_NAMES.clear()
-    _LORA_NAMES.update(n for n, m in model.named_modules() if isinstance(m, LoRAExperts))
+    lora_experts = frozenset(
+        n.removeprefix(PEFT_PREFIX) for n, m in model.named_modules() if isinstance(m, LoRAExperts)
+    )
     counts: dict[str, int] = {}
     for name, param in model.named_parameters():
-        part = part_of(name)
+        part = part_of(name, lora_experts)
         flag = True if part == "lora" else trainable.get(part, False)
         if isinstance(flag, (list, tuple)):  # per modality: model.encoders.<modality>.
-            flag = name.removeprefix("base_model.model.").split(".")[2] in flag
+            flag = name.removeprefix(PEFT_PREFIX).split(".")[2] in flag
         param.requires_grad_(bool(flag))
         if flag:
             counts[part] = counts.get(part, 0) + param.numel()

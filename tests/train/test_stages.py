@@ -117,3 +117,18 @@ def test_router_collapse_is_flagged():
     metrics = routing_metrics([stats], ["text", "image"], num_experts=2)
     assert metrics["router/max_expert_share"] == pytest.approx(0.98)
     assert metrics["router/text/max_expert_share"] == pytest.approx(0.98)
+
+
+def test_lora_experts_base_stays_its_own_part_inside_peft():
+    """The frozen FFN of LoRA experts is `experts_base`, also when the model is wrapped by peft for the stage."""
+    from peft import LoraConfig, get_peft_model
+
+    from unimoe import build_model
+
+    model = build_model("tiny", moe={"expert_type": "lora", "lora_rank": 4})
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    counts = apply_trainable(wrapped, {"experts": True})
+    assert set(counts) == {"experts", "lora"}
+    for name, p in wrapped.named_parameters():
+        if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
+            assert not p.requires_grad, name
