@@ -204,6 +204,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from unimoe.demo import launch
+
+    _quiet_transformers()
+    launch(args.model, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def cmd_smoke(args: argparse.Namespace) -> int:
     from unimoe.smoke import run_smoke
 
@@ -295,6 +303,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="data", help="directory of the built suite (built if missing)")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("demo", help="serve the Gradio demo: multimodal chat, generated media, expert routing panel")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint folder or Hub id (default: runs/tiny/final)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
+    p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("smoke", help="in seconds: build, briefly train, save and reload the tiny model")
     p.add_argument("--out", default="runs/smoke")

@@ -1,0 +1,235 @@
+"""The Gradio app: a multimodal chat (images, audio from a file or the microphone, video, point clouds, time series),
+streamed replies with any generated images, speech and forecast plots, generation settings, previews of the uploads,
+and a routing panel that shows which experts each modality's tokens used in every MoE layer for the last reply.
+
+``build_app(model, processor)`` builds the ``gr.Blocks`` from an in-memory model (tests, notebooks);
+``launch(MODEL)`` loads a checkpoint and serves it; ``main(argv)`` is ``python -m unimoe.demo``.
+
+Notes on gradio 6.31 (see DESIGN.md): ``ChatInterface(multimodal=True)`` calls ``fn(message={"text", "files"},
+history, *additional_inputs)``; replies that carry media are lists of components (a bare ``{"path": ...}`` crashes);
+the ``/chat`` API returns its outputs without postprocessing, so API clients read the reply's files and routing from
+the JSON "details" output rather than from the components.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from unimoe.errors import CheckpointError
+
+from .engine import NOTICE, ChatEngine, GenerationSettings, Reply
+from .media import forecast_figure, routing_summary, series_figure
+
+#: The default recipe's checkpoint (``make quickstart`` / ``unimoe run tiny --out runs/tiny`` writes it).
+DEFAULT_CHECKPOINT = Path("runs/tiny/final")
+
+#: Number of side-panel outputs the chat function yields after the chat message (see ``_panel_outputs``).
+_PANELS = 5
+
+
+def build_app(
+    model,
+    processor,
+    *,
+    title: str = "UniMoE",
+    model_name: str | None = None,
+    settings: GenerationSettings | None = None,
+    output_dir: str | Path | None = None,
+    max_file_bytes: int | None = None,
+    max_history_messages: int = 8,
+) -> gr.Blocks:
+    """The demo app for a loaded model and processor.
+
+    Args:
+        settings: initial values of the generation settings panel.
+        output_dir: where generated images, speech, previews and heatmaps are written (default: a new temporary
+            folder, which gradio serves without ``allowed_paths``).
+        max_file_bytes: largest accepted upload (default: the processor's ``max_file_bytes``).
+        max_history_messages: how many earlier text turns are sent back to the model.
+    """
+    engine = ChatEngine(
+        model,
+        processor,
+        output_dir=output_dir,
+        max_file_bytes=max_file_bytes,
+        max_history_messages=max_history_messages,
+    )
+    defaults = settings or GenerationSettings()
+
+    def respond(
+        message: dict[str, Any],
+        history: list[dict[str, Any]],
+        temperature: float,
+        max_new_tokens: float,
+        diffusion_steps: float,
+        guidance_scale: float,
+        seed: float | None,
+    ) -> Iterator[tuple]:
+        """One chat turn: streamed text first (panels untouched), then the full reply with its panels."""
+        message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
+        turn = GenerationSettings(
+            temperature=float(temperature or 0.0),
+            max_new_tokens=max(1, int(max_new_tokens or defaults.max_new_tokens)),
+            num_inference_steps=int(diffusion_steps) if diffusion_steps else None,
+            guidance_scale=float(guidance_scale) if guidance_scale else None,
+            seed=int(seed) if seed is not None and seed >= 0 else None,
+        )
+        text = message.get("text") or ""
+        for update in engine.stream(text, message.get("files") or [], history, turn):
+            if isinstance(update, str):
+                yield (update, *[gr.skip()] * _PANELS)
+            else:
+                yield (_chat_message(update), *_panel_outputs(update, engine.num_experts))
+
+    heatmap = gr.Image(label="Expert load per MoE layer (last reply)", type="filepath", render=False, interactive=False)
+    summary = gr.Markdown("Send a message to see which experts each modality used.", render=False)
+    points_view = gr.Model3D(label="Point cloud", display_mode="point_cloud", render=False, interactive=False)
+    series_view = gr.Plot(label="Time series", render=False)
+    details = gr.JSON(label="Last reply (JSON)", render=False)
+    settings_inputs = _settings_inputs(defaults)
+    textbox = gr.MultimodalTextbox(
+        file_count="multiple",
+        sources=["upload", "microphone"],
+        placeholder="Ask something, attach images, audio, video, point clouds (.ply/.obj/.npy) or series (.csv)",
+        render=False,
+    )
+
+    with gr.Blocks(title=f"{title} demo") as app:
+        gr.Markdown(f"## {title}\n{_describe(model, engine, model_name)}")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3):
+                gr.ChatInterface(
+                    respond,
+                    multimodal=True,
+                    textbox=textbox,
+                    chatbot=gr.Chatbot(label="Chat", height=520, render=False),
+                    additional_inputs=settings_inputs,
+                    additional_inputs_accordion=gr.Accordion("Generation settings", open=False, render=False),
+                    additional_outputs=[heatmap, summary, points_view, series_view, details],
+                    api_name="chat",
+                    fill_height=False,
+                )
+            with gr.Column(scale=2):
+                with gr.Tab("Routing"):
+                    heatmap.render()
+                    summary.render()
+                with gr.Tab("Input preview"):
+                    points_view.render()
+                    series_view.render()
+                with gr.Tab("Details"):
+                    details.render()
+
+    app.unimoe_engine = engine  # for callers that want the output folder or the model behind an app
+    return app
+
+
+def _settings_inputs(defaults: GenerationSettings) -> list[gr.components.Component]:
+    """The generation settings panel. Diffusion steps and guidance at 0 leave the checkpoint's own defaults, so one
+    panel suits checkpoints with and without generation heads."""
+    steps, guidance = defaults.num_inference_steps or 0, defaults.guidance_scale or 0.0
+    seed = -1 if defaults.seed is None else defaults.seed
+    return [
+        gr.Slider(0.0, 1.5, value=defaults.temperature, step=0.05, label="Temperature (0 = greedy)", render=False),
+        gr.Slider(1, 512, value=defaults.max_new_tokens, step=1, label="Max new tokens", render=False),
+        gr.Slider(0, 100, value=steps, step=1, label="Diffusion steps (0 = checkpoint default)", render=False),
+        gr.Slider(0.0, 15.0, value=guidance, step=0.5, label="Guidance scale (0 = checkpoint default)", render=False),
+        gr.Number(value=seed, precision=0, label="Seed (-1 = random)", render=False),
+    ]
+
+
+def _chat_message(reply: Reply) -> str | list:
+    """A reply as chat content: text alone as a string; with generated media, the text followed by components."""
+    if reply.error:
+        return f"{NOTICE}{reply.error}"
+    text = reply.text or "*(the model returned no text)*"
+    media: list = [gr.Image(value=str(p), label="generated image", show_label=False) for p in reply.images]
+    media += [gr.Audio(value=str(p), label="generated speech") for p in reply.audio]
+    for f in reply.forecasts:
+        media.append(gr.Plot(value=forecast_figure(f.context, f.point, f.quantiles), label="forecast"))
+    return [text, *media] if media else text
+
+
+def _panel_outputs(reply: Reply, num_experts: int) -> tuple:
+    """Values of the side panels after a reply: the heatmap, its table, the input previews, the JSON details.
+    Previews change only when the turn brought a new point cloud or series."""
+    if reply.error:
+        heat, text = None, "The last message was not answered, so there is no routing to show."
+    else:
+        heat = str(reply.heatmap) if reply.heatmap else None
+        text = routing_summary(reply.routing, num_experts=num_experts)
+    points = str(reply.points_preview) if reply.points_preview else gr.skip()
+    series = gr.skip()
+    if reply.series_preview:
+        name, values = reply.series_preview
+        series = series_figure(values, title=name)
+    return heat, text, points, series, reply.to_json()
+
+
+def _describe(model, engine: ChatEngine, model_name: str | None) -> str:
+    config = model.config
+    moe = getattr(config, "moe_config", None)
+    parts = [f"**{model_name}**" if model_name else None]
+    if moe is not None:
+        parts.append(f"{moe.num_experts} experts, {moe.routing} routing (k≤{moe.top_k})")
+    reads = ", ".join(engine.input_modalities) or "text only"
+    parts.append(f"reads text + {reads}")
+    writes = "text, and images / speech / forecasts when asked" if engine.multimodal_output else "text"
+    parts.append(f"writes {writes}")
+    return " · ".join(p for p in parts if p) + (
+        "\n\nThe **Routing** tab shows, for the last reply, the share of each modality's tokens that each expert took "
+        "in every MoE layer."
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------- serving
+def resolve_checkpoint(model: str | Path | None) -> str:
+    """The checkpoint to serve: MODEL as given (a local folder or a Hub id), or the default recipe's checkpoint,
+    which must exist (its absence is a one-line error naming the command that makes it)."""
+    if model is not None:
+        return str(model)
+    if not (DEFAULT_CHECKPOINT / "config.json").is_file():
+        raise CheckpointError(
+            f"no checkpoint at {DEFAULT_CHECKPOINT}: make one with `make quickstart` "
+            "(or `unimoe run tiny --out runs/tiny`), or pass MODEL (a checkpoint folder or Hub id)"
+        )
+    return str(DEFAULT_CHECKPOINT)
+
+
+def launch(
+    model: str | Path | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    share: bool = False,
+    block: bool = True,
+    **build_kwargs: Any,
+) -> gr.Blocks:
+    """Load a checkpoint and serve the demo. ``block=False`` returns the running app (close it with ``.close()``)."""
+    from unimoe.inference import load_pretrained
+
+    path = resolve_checkpoint(model)
+    loaded, processor = load_pretrained(path)
+    build_kwargs.setdefault("model_name", path)
+    app = build_app(loaded, processor, **build_kwargs)
+    app.queue(default_concurrency_limit=1)
+    app.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        prevent_thread_lock=not block,
+        allowed_paths=[str(app.unimoe_engine.output_dir)],
+    )
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m unimoe.demo [MODEL] [--host H] [--port N] [--share]``: the same as ``unimoe demo`` (one parser,
+    in :mod:`unimoe.cli`); errors print one line and return 2."""
+    from unimoe.cli import main as cli_main
+
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])

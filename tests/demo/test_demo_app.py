@@ -1,0 +1,151 @@
+"""The demo app through gradio_client against a real local launch: one turn per input modality, streaming, history,
+the routing panel, readable answers to bad uploads (and the app still serving after them), 20 concurrent users, and
+an image-generation turn."""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+NOTICE = "⚠️"
+
+
+@dataclass
+class Turn:
+    """The ``/chat`` endpoint's outputs: the chat reply, then the side panels."""
+
+    reply: Any
+    heatmap: Any
+    summary: Any
+    points: Any
+    series: Any
+    details: dict
+
+
+def ask(client, text: str, files=(), **settings) -> Turn:
+    from gradio_client import handle_file
+
+    message = {"text": text, "files": [handle_file(str(f)) for f in files]}
+    out = client.predict(message, api_name="/chat", **settings)
+    details = out[5] if isinstance(out[5], dict) else json.loads(out[5])
+    return Turn(*out[:5], details=details)
+
+
+def assert_answered(turn: Turn, modalities: set[str]) -> None:
+    """A real reply (not a notice) whose routing panel covers exactly the modalities of the turn."""
+    assert isinstance(turn.reply, str) and turn.reply and not turn.reply.startswith(NOTICE), turn.reply
+    assert turn.details["error"] is None
+    assert turn.reply == turn.details["text"]
+    assert set(turn.details["routing"]) == modalities
+    for matrix in turn.details["routing"].values():
+        matrix = np.asarray(matrix)
+        assert matrix.shape == (4, 4)  # tiny preset: 4 MoE layers x 4 experts
+        np.testing.assert_allclose(matrix.sum(-1), 1.0, atol=1e-3)
+    assert Path(turn.heatmap).is_file() and Image.open(turn.heatmap).format == "PNG"
+    assert all(f"| {m} |" in turn.summary for m in modalities)
+
+
+def test_text_turn(client):
+    turn = ask(client, "Hello, who are you?")
+    assert_answered(turn, {"text"})
+    assert turn.details["inputs"] == [] and turn.details["history_turns"] == 0
+
+
+@pytest.mark.parametrize(("name", "modality"), [("digit.png", "image"), ("tone.wav", "audio"), ("clip.gif", "video")])
+def test_media_turn(client, media, name, modality):
+    turn = ask(client, "What is this?", [media / name])
+    assert_answered(turn, {"text", modality})
+    assert turn.details["inputs"] == [{"name": name, "modality": modality}]
+
+
+@pytest.mark.parametrize("name", ["box.ply", "ball.obj", "cloud.npy"])
+def test_point_cloud_turn(client, media, name):
+    import trimesh
+
+    turn = ask(client, "Which shape is this?", [media / name])
+    assert_answered(turn, {"text", "points"})
+    assert turn.details["inputs"] == [{"name": name, "modality": "points"}]
+    preview = trimesh.load(turn.points)  # what gr.Model3D shows, in point-cloud mode
+    assert isinstance(preview, trimesh.PointCloud) and len(preview.vertices) > 0
+
+
+def test_time_series_turn(client, media):
+    turn = ask(client, "Describe the trend.", [media / "series.csv"])
+    assert_answered(turn, {"text", "series"})
+    assert turn.details["inputs"] == [{"name": "series.csv", "modality": "series"}]
+    assert str(turn.series).startswith("Figure")  # a matplotlib plot (the /chat API does not postprocess)
+
+
+def test_image_and_question_in_one_message_with_settings(client, media):
+    turn = ask(client, "Compare", [media / "digit.png", media / "series.csv"], max_new_tokens=2, temperature=0.5)
+    assert_answered(turn, {"text", "image", "series"})
+
+
+def test_reply_streams(client):
+    job = client.submit({"text": "Tell me a story", "files": []}, api_name="/chat", max_new_tokens=8)
+    final = job.result()[0]
+    partial = [out[0] for out in job.outputs() if isinstance(out[0], str)]
+    assert len(set(partial)) >= 2, partial  # the text grew over several updates
+    assert partial[-1] == final
+    assert all(final.startswith(p) for p in partial)
+
+
+def test_history_is_sent_back(client):
+    assert ask(client, "My name is Ada.").details["history_turns"] == 0
+    assert ask(client, "What is my name?").details["history_turns"] == 2  # the first question and its answer
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("corrupt.png", "corrupt.png: corrupt image"),
+        ("notes.txt", "notes.txt: unsupported file type .txt"),
+        ("huge.npy", "huge.npy: file is"),
+    ],
+)
+def test_bad_upload_gets_a_message_and_the_app_keeps_serving(client, media, name, expected):
+    turn = ask(client, "What is this?", [media / name])
+    assert turn.reply.startswith(f"{NOTICE} {expected}"), turn.reply
+    assert "\n" not in turn.reply and "Traceback" not in turn.reply
+    assert str(media) not in turn.reply and "/gradio/" not in turn.reply  # the user's file name, not server paths
+    assert turn.heatmap is None and turn.details["error"]
+    assert_answered(ask(client, "Still there?"), {"text"})  # same session: the failed turn is not fed back
+    if name == "huge.npy":
+        assert "above the demo's limit" in turn.reply
+
+
+def test_twenty_concurrent_requests_all_answered(make_client):
+    clients = [make_client() for _ in range(20)]  # 20 users, each in their own session
+
+    def one(i: int) -> tuple[int, dict]:
+        return i, ask(clients[i], f"request {i}", max_new_tokens=2).details
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(one, range(20)))
+    assert len(results) == 20
+    for i, details in results:
+        assert details["prompt"] == f"request {i}"  # every request got its own answer, none lost or swapped
+        assert details["error"] is None and details["routing"]
+
+
+def _generation_heads_present() -> bool:
+    from unimoe.modeling_unimoe import UniMoEForConditionalGeneration
+
+    return hasattr(UniMoEForConditionalGeneration, "generate_multimodal")
+
+
+@pytest.mark.skipif(not _generation_heads_present(), reason="needs Step 5 generation heads")
+def test_image_generation_turn(client):
+    turn = ask(client, "Draw the digit 3.", max_new_tokens=8)
+    assert turn.details["error"] is None, turn.details["error"]
+    assert turn.details["images"], turn.details
+    image = Image.open(turn.details["images"][0])
+    assert image.size[0] > 0 and image.size[1] > 0
+    assert isinstance(turn.reply, list) and any("Image" in str(part) for part in turn.reply[1:])
