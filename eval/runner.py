@@ -119,6 +119,54 @@ def predict_forecast(model, processor, records, *, max_new_tokens: int, batch_si
     return preds
 
 
+@torch.no_grad()
+def predict_generated_media(
+    model, processor, spec: TaskSpec, records, *, batch_size: int, media_dir: Path | None = None, bar=None
+) -> tuple[list[str], list[str | None]]:
+    """Generate an image / a clip for every prompt (the model decides to emit the generation token, as in use) and
+    let the task's reference judge say what it shows. Returns ``(judged answers, saved media paths)``; a reply
+    without the requested medium is judged ``""`` (wrong)."""
+    from unimoe.data.tasks_vision import DIGIT_WORDS
+
+    modality = "image" if spec.output == "generate_image" else "audio"
+    if modality == "image":
+        from unimoe.eval.judge_image import DigitImageJudge
+
+        judge = DigitImageJudge.fit(seed=0)
+    else:
+        from unimoe.eval.judge_audio import SpokenWordJudge
+
+        judge = SpokenWordJudge().fit()
+    if media_dir is not None:
+        media_dir.mkdir(parents=True, exist_ok=True)
+    answers: list[str] = []
+    paths: list[str | None] = []
+    for n, batch in enumerate(_batches(records, batch_size)):
+        outputs = model.generate_multimodal(
+            processor, [prompt_messages(r) for r in batch], max_new_tokens=spec.max_new_tokens, seed=n
+        )
+        for record, out in zip(batch, outputs):
+            item = (out.images if modality == "image" else out.audio)[:1]
+            if not item:
+                answers.append("")
+                paths.append(None)
+                continue
+            if modality == "image":
+                answers.append(DIGIT_WORDS[judge.predict(item)[0]])
+            else:
+                answers.append(judge.predict_words([item[0].waveform], item[0].sample_rate)[0])
+            path = None
+            if media_dir is not None:
+                stem = record["id"].replace("/", "_")
+                path = media_dir / (f"{stem}.png" if modality == "image" else f"{stem}.wav")
+                item[0].save(path)
+                path = str(path)
+            paths.append(path)
+        if bar is not None:
+            bar.update(len(batch))
+    return answers, paths
+
+
 # ----------------------------------------------------------------------------- expert load
 class ExpertLoadCollector:
     """Sums each MoE layer's per-modality expert load over everything the model runs inside the context."""
@@ -155,12 +203,24 @@ class ExpertLoadCollector:
 
 
 # ----------------------------------------------------------------------------- the runner
-def run_task(model, processor, spec: TaskSpec, records: list[dict], *, batch_size: int, progress: bool) -> TaskResult:
+def run_task(
+    model, processor, spec: TaskSpec, records: list[dict], *, batch_size: int, progress: bool,
+    media_dir: Path | None = None,
+) -> TaskResult:  # fmt: skip
     from unimoe.eval.metrics import METRICS, score
 
     start = time.perf_counter()
+    media_paths = None
+    if spec.output in ("generate_image", "generate_audio"):
+        heads = getattr(getattr(model, "model", None), "generation_heads", {})
+        if ("image" if spec.output == "generate_image" else "audio") not in heads:
+            return TaskResult(name=spec.name, skipped=_generation_unsupported(model, spec))
     bar = tqdm(total=len(records), desc=f"eval {spec.name}", unit="ex", disable=not progress, leave=False)
-    if spec.output == "generate":
+    if spec.output in ("generate_image", "generate_audio"):
+        preds, media_paths = predict_generated_media(
+            model, processor, spec, records, batch_size=batch_size, media_dir=media_dir, bar=bar
+        )
+    elif spec.output == "generate":
         preds = predict_generate(
             model, processor, records, max_new_tokens=spec.max_new_tokens, batch_size=batch_size, bar=bar
         )
@@ -170,9 +230,6 @@ def run_task(model, processor, spec: TaskSpec, records: list[dict], *, batch_siz
         preds = predict_forecast(
             model, processor, records, max_new_tokens=spec.max_new_tokens, batch_size=batch_size, bar=bar
         )
-    else:  # generate_image / generate_audio
-        bar.close()
-        return TaskResult(name=spec.name, skipped=_generation_unsupported(model, spec))
     bar.close()
 
     references = [r.get("target") if spec.output == "forecast" else r.get("answer") for r in records]
@@ -187,6 +244,8 @@ def run_task(model, processor, spec: TaskSpec, records: list[dict], *, batch_siz
         }
         for r, p, ref in zip(records, preds, references)
     ]
+    for sample, path in zip(samples, media_paths or []):
+        sample["media"] = path
     return TaskResult(
         name=spec.name, metrics=metrics, num_samples=len(records), samples=samples,
         seconds=round(time.perf_counter() - start, 2),
@@ -221,7 +280,8 @@ def evaluate(
     collector = ExpertLoadCollector(model)
     with collector:
         for spec, records in loaded:
-            result = run_task(model, processor, spec, records, batch_size=batch_size, progress=progress)
+            result = run_task(model, processor, spec, records, batch_size=batch_size, progress=progress,
+                              media_dir=out_dir / f"media_{spec.name}")  # fmt: skip
             results.append(result)
             if result.samples:
                 with (out_dir / f"samples_{spec.name}.jsonl").open("w") as f:

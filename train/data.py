@@ -19,7 +19,11 @@ from unimoe.train.config import DataMix
 
 
 class TrainData:
-    def __init__(self, data_root: str | Path, mix: DataMix):
+    """The records of a stage's tasks. ``generation`` names the modalities the model can generate: records whose
+    answer is such a medium train its head (forecasting records become series targets), other media answers are
+    skipped; text answers always train the LM."""
+
+    def __init__(self, data_root: str | Path, mix: DataMix, *, generation: set[str] | frozenset[str] = frozenset()):
         if not mix.tasks:
             raise ConfigError("data.tasks: a training stage needs at least one task")
         self.tasks = list(mix.tasks)
@@ -28,9 +32,14 @@ class TrainData:
         self.modality: list[str] = []
         for name in self.tasks:
             path = task_dir(data_root, name)
-            records = [r for r in read_split(path, mix.split) if _is_text_target(r)]
+            records = [
+                t for t in (training_record(r, generation) for r in read_split(path, mix.split)) if t is not None
+            ]
             if not records:
-                raise ConfigError(f"data.tasks: {name} has no {mix.split} records with a text answer to train on")
+                raise ConfigError(
+                    f"data.tasks: {name} has no {mix.split} records this model can train on (text answers, or media "
+                    f"answers of its generation heads: {sorted(generation) or 'none'})"
+                )
             self.records.append(records)
             self.modality.append(read_marker(path)["card"]["modality"])
 
@@ -55,12 +64,21 @@ class TrainData:
         return self.records[task_id][record_id], self.modality[task_id]
 
 
-def _is_text_target(record: dict[str, Any]) -> bool:
-    """Records whose final assistant turn is text (generation-target records train the generation heads)."""
+def training_record(record: dict[str, Any], generation: set[str] | frozenset[str]) -> dict[str, Any] | None:
+    """The record as the model trains on it, or None when it cannot (its answer is a medium it cannot generate).
+
+    With a forecasting head, a record with a numeric ``target`` (ts_forecast) answers with a series part holding
+    the target, so the head learns it instead of the LM learning to write numbers."""
     last = record["messages"][-1]
-    return last["role"] == "assistant" and (
-        isinstance(last["content"], str) or all(p.get("type") == "text" for p in last["content"])
-    )
+    if last["role"] != "assistant":
+        return None
+    if "series" in generation and isinstance(record.get("target"), list):
+        answer = {"role": "assistant", "content": [{"type": "series", "values": record["target"]}]}
+        return {**record, "messages": [*record["messages"][:-1], answer]}
+    if isinstance(last["content"], str):
+        return record
+    kinds = {p.get("type", "text") for p in last["content"]} - {"text"}
+    return record if kinds <= set(generation) else None
 
 
 class ScheduleDataset(torch.utils.data.Dataset):

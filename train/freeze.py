@@ -23,6 +23,8 @@ def part_of(name: str, lora_expert_modules: frozenset[str] = frozenset()) -> str
         return "encoders"
     if name.startswith("model.connectors."):
         return "connectors"
+    if name.startswith("model.generation_heads."):
+        return "generation"  # query embeddings, condition connectors, decoders, forecasting head
     if name.startswith("lm_head."):
         return "lm_head"
     if ".embed_tokens." in name:
@@ -46,8 +48,8 @@ def part_of(name: str, lora_expert_modules: frozenset[str] = frozenset()) -> str
 
 
 def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[str, int]:
-    """Set ``requires_grad`` per part. A part's value is a bool, or for ``encoders`` / ``connectors`` a bool or a
-    list of modalities. Parts not named are frozen. Returns trainable parameter counts per part."""
+    """Set ``requires_grad`` per part. A part's value is a bool, or for ``encoders`` / ``connectors`` /
+    ``generation`` a bool or a list of modalities. Parts not named are frozen. Returns trainable parameter counts per part."""
     from unimoe.moe import LoRAExperts
 
     lora_experts = frozenset(
@@ -57,7 +59,7 @@ def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[s
     for name, param in model.named_parameters():
         part = part_of(name, lora_experts)
         flag = True if part == "lora" else trainable.get(part, False)
-        if isinstance(flag, (list, tuple)):  # per modality: model.encoders.<modality>.
+        if isinstance(flag, (list, tuple)):  # per modality: model.{encoders,connectors,generation_heads}.<modality>.
             flag = name.removeprefix(PEFT_PREFIX).split(".")[2] in flag
         param.requires_grad_(bool(flag))
         if flag:

@@ -194,7 +194,7 @@ def train_stage(
     model, counts = prepare_stage_model(model, stage)
     model.train()
 
-    data = TrainData(data_root, stage.data_mix)
+    data = TrainData(data_root, stage.data_mix, generation=set(model.config.generation or {}))
     schedule = data.schedule(stage.steps * stage.grad_accum, stage.batch_size, stage.seed)
 
     start_step = 0
@@ -276,6 +276,11 @@ def train_stage(
                 "aux_loss": outputs.aux_loss.item(),
                 "z_loss": outputs.z_loss.item(),
                 "modality_loss": outputs.modality_loss.item(),
+                **{
+                    name: getattr(outputs, name).item()
+                    for name in ("diffusion_loss", "forecast_loss")
+                    if getattr(outputs, name, None) is not None
+                },
                 "lr": scheduler.get_last_lr()[0],
                 "tokens_per_second": tokens / max(elapsed, 1e-9),
                 **routing_metrics(outputs.router_stats, modalities, num_experts),

@@ -29,6 +29,10 @@ class UniMoEConfig(PreTrainedConfig):
             "trainable": bool, **encoder config}``.
         connectors: per modality, a connector spec ``{"type": "mlp" | "resampler", "trainable": bool, **config}``.
         media_token_ids: per modality, the id of its placeholder token (set from the tokenizer).
+        generation: per output modality (``image``, ``audio``, ``series``), a generation-head spec (see
+            :mod:`unimoe.generation.config`); a model without it generates text only.
+        generation_token_ids: per generation head, ``{"gen": id, "query": id}``: the token that starts a generated
+            item and the token of its query slots (set from the tokenizer).
         tie_word_embeddings: follows ``text_config.tie_word_embeddings`` unless set.
     """
 
@@ -41,6 +45,8 @@ class UniMoEConfig(PreTrainedConfig):
     encoders: dict | None = None
     connectors: dict | None = None
     media_token_ids: dict | None = None
+    generation: dict | None = None
+    generation_token_ids: dict | None = None
     tie_word_embeddings: bool | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
@@ -73,7 +79,10 @@ class UniMoEConfig(PreTrainedConfig):
         self.encoders = dict(self.encoders or {})
         self.connectors = dict(self.connectors or {})
         self.media_token_ids = dict(self.media_token_ids or {})
+        self.generation = dict(self.generation or {})
+        self.generation_token_ids = {m: dict(v) for m, v in (self.generation_token_ids or {}).items()}
         self._validate_media()
+        self._validate_generation()
         if self.tie_word_embeddings is None:
             self.tie_word_embeddings = bool(getattr(tc, "tie_word_embeddings", False))
 
@@ -98,6 +107,28 @@ class UniMoEConfig(PreTrainedConfig):
                 raise ConfigError(f"media_token_ids.{modality}: unknown modality")
             if not 0 <= int(token_id) < self.text_config.vocab_size:
                 raise ConfigError(f"media_token_ids.{modality}: {token_id} is outside the vocabulary")
+
+    def _validate_generation(self) -> None:
+        from unimoe.generation.config import head_config
+
+        for modality, spec in self.generation.items():
+            if not isinstance(spec, dict):
+                raise ConfigError(f"generation.{modality}: expected a mapping, got {type(spec).__name__}")
+            head_config(modality, spec)  # validates every field
+            if modality == "series" and "series" not in self.encoders:
+                raise ConfigError("generation.series: the forecasting head reads its context through encoders.series")
+            ids = self.generation_token_ids.get(modality)
+            if not ids or set(ids) != {"gen", "query"}:
+                raise ConfigError(
+                    f"generation_token_ids.{modality}: expected {{'gen': id, 'query': id}} for the {modality} head, "
+                    f"got {ids!r}"
+                )
+            for kind, token_id in ids.items():
+                if not 0 <= int(token_id) < self.text_config.vocab_size:
+                    raise ConfigError(f"generation_token_ids.{modality}.{kind}: {token_id} is outside the vocabulary")
+        extra = sorted(set(self.generation_token_ids) - set(self.generation))
+        if extra:
+            raise ConfigError(f"generation_token_ids: {extra} have no generation head (generation.<modality>)")
 
     @property
     def moe_config(self) -> MoEConfig:

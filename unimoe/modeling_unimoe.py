@@ -10,6 +10,7 @@ states, ``modality_ids`` feed the routing statistics and the optional modality-r
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
@@ -25,6 +26,7 @@ from unimoe.configuration_unimoe import UniMoEConfig, strip_component_keys
 from unimoe.connectors import build_connector
 from unimoe.encoders import build_encoder
 from unimoe.errors import InputError
+from unimoe.generation.heads import DiffusionHead, ForecastHead, build_head
 from unimoe.moe import LoRAExperts, MoEConfig, RouterStats, SparseMoEBlock, SwiGLUExperts
 from unimoe.registry import Registry
 
@@ -64,22 +66,31 @@ def media_keys(config: UniMoEConfig) -> set[str]:
     return {f"{m}_{suffix}" for m in config.modalities[1:] for suffix in ("values", "mask")}
 
 
+#: Training targets of the generation heads (built by the processor from media parts of assistant turns).
+GENERATION_TARGET_KEYS = ("gen_image_values", "gen_audio_values", "gen_series_values", "gen_series_mask")
+
+
 # ----------------------------------------------------------------------------- outputs
 @dataclass
 class UniMoECausalLMOutput(ModelOutput):
     """Every loss is named. ``loss`` is what the trainer backpropagates:
-    ``lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss + modality_loss_coef * modality_loss``
-    (plus the generation-head losses once they exist). ``router_stats`` holds one :class:`RouterStats` per MoE layer
-    when ``output_router_stats=True``."""
+    ``lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss + modality_loss_coef * modality_loss`` plus each
+    generation head's ``loss_coef`` times its loss (``diffusion_loss``: the flow-matching loss of the image and audio
+    heads, summed; ``forecast_loss``: the pinball loss of the forecasting head). ``router_stats`` holds one
+    :class:`RouterStats` per MoE layer when ``output_router_stats=True``; ``last_hidden_state`` (after the final
+    norm) is returned when ``output_hidden_states=True``, for the generation heads."""
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None
     z_loss: torch.Tensor | None = None
     modality_loss: torch.Tensor | None = None
+    diffusion_loss: torch.Tensor | None = None
+    forecast_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    last_hidden_state: torch.Tensor | None = None
     router_stats: tuple[RouterStats, ...] | None = None
 
 
@@ -307,6 +318,11 @@ class UniMoEModel(UniMoEPreTrainedModel):
                 input_dim=encoder.output_dim,
                 output_dim=hidden,
             )
+        # Generation heads: their diffusers decoders keep their own initialization (see unimoe.generation.heads).
+        self.generation_heads = nn.ModuleDict()
+        for modality, spec in self.config.generation.items():
+            context = self.encoders["series"].config.context_length if modality == "series" else None
+            self.generation_heads[modality] = build_head(modality, spec, hidden_size=hidden, context_length=context)
         self.post_init()
         self.apply_trainable_flags()
 
@@ -318,10 +334,74 @@ class UniMoEModel(UniMoEPreTrainedModel):
                     modules[modality].requires_grad_(False)
 
     def modality_ids_from_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Media placeholders and generation query slots get their modality's id; everything else is text (0)."""
         modality_ids = torch.zeros_like(input_ids)
         for modality, token_id in self.config.media_token_ids.items():
             modality_ids[input_ids == token_id] = self.config.modalities.index(modality)
+        for modality in self.generation_heads:
+            query_id = self.config.generation_token_ids[modality]["query"]
+            modality_ids[input_ids == query_id] = self.config.modalities.index(modality)
         return modality_ids
+
+    def embed_queries(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        """Write each head's learnable query embeddings over its query slots: the k-th slot of a run gets query k."""
+        for modality, head in self.generation_heads.items():
+            is_query = input_ids == self.config.generation_token_ids[modality]["query"]  # (B, S)
+            if not bool(is_query.any()):
+                continue
+            count = is_query.long().cumsum(dim=1)
+            before_run = torch.where(is_query, torch.zeros_like(count), count).cummax(dim=1).values
+            slot = (count - before_run - 1).clamp(0, head.queries.shape[0] - 1)  # index within the run
+            queries = head.queries.to(inputs_embeds.dtype)[slot]  # (B, S, H)
+            inputs_embeds = torch.where(is_query.unsqueeze(-1), queries, inputs_embeds)
+        return inputs_embeds
+
+    def query_states(self, input_ids: torch.Tensor, hidden: torch.Tensor, modality: str) -> torch.Tensor:
+        """The last-layer states of every query run of ``modality`` in row-major order → ``(n, N, H)``."""
+        head = self.generation_heads[modality]
+        is_query = input_ids == self.config.generation_token_ids[modality]["query"]
+        n_queries = head.queries.shape[0]
+        states = hidden[is_query]  # (n * N, H)
+        if states.shape[0] % n_queries:
+            raise InputError(
+                f"{modality} generation: {states.shape[0]} query slots is not a multiple of the head's {n_queries} "
+                "queries; build inputs with UniMoEProcessor"
+            )
+        return states.view(-1, n_queries, hidden.shape[-1])
+
+    def forecast_context(
+        self, input_ids: torch.Tensor, series_values: torch.Tensor | None, series_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For every series query run: the prompt's last series before it (its first channel).
+
+        Returns ``(normalized (n, L), loc (n,), scale (n,), raw (n, L), observed (n, L))``-style tensors, where the
+        series units are matched to runs through the placeholder tokens (units fill placeholders in row-major order,
+        ``tokens_per_unit`` placeholders each)."""
+        from unimoe.encoders.series import fit_context
+
+        query_id = self.config.generation_token_ids["series"]["query"]
+        placeholder = self.config.media_token_ids.get("series")
+        is_query = input_ids == query_id
+        run_start = is_query & ~torch.nn.functional.pad(is_query, (1, 0))[:, :-1]  # (B, S)
+        if series_values is None or placeholder is None:
+            raise InputError("forecasting needs a time series in the prompt (a series part before the request)")
+        is_series = input_ids == placeholder
+        seen = is_series.flatten().long().cumsum(0).view_as(input_ids)  # placeholders up to here, row-major
+        in_row = is_series.long().cumsum(dim=1)
+        tokens_per_unit = int(is_series.sum()) // series_values.shape[0]
+        rows, cols = run_start.nonzero(as_tuple=True)
+        if bool((in_row[rows, cols] == 0).any()):
+            raise InputError("forecasting needs a time series in the prompt (a series part before the request)")
+        units = (seen[rows, cols] - 1) // tokens_per_unit  # (n,)
+        encoder = self.encoders["series"]
+        cfg = encoder.config
+        values = series_values[units]
+        mask = series_mask[units] if series_mask is not None else torch.ones_like(values)
+        if values.ndim == 2:
+            values, mask = values.unsqueeze(-1), mask.unsqueeze(-1)
+        values, mask = fit_context(values.float(), mask.float(), cfg.context_length, cfg.num_channels)
+        normalized, loc, scale = encoder.normalize(values, mask)
+        return normalized[..., 0], loc[:, 0, 0], scale[:, 0, 0], values[..., 0], mask[..., 0]
 
     def embed_media(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, media: dict[str, torch.Tensor]):
         """Encode each modality's units and write them over its placeholder embeddings (in order)."""
@@ -376,7 +456,9 @@ class UniMoEModel(UniMoEPreTrainedModel):
             inputs_embeds = self.language_model.embed_tokens(input_ids)  # (B, S, H)
             if media:
                 inputs_embeds = self.embed_media(input_ids, inputs_embeds, media)
-            if modality_ids is None and self.config.media_token_ids:
+            if len(self.generation_heads):
+                inputs_embeds = self.embed_queries(input_ids, inputs_embeds)
+            if modality_ids is None and (self.config.media_token_ids or len(self.generation_heads)):
                 modality_ids = self.modality_ids_from_input_ids(input_ids)
         elif media:
             raise ValueError("media inputs need input_ids (to find the placeholders), not inputs_embeds")
@@ -439,7 +521,15 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> UniMoECausalLMOutput:
         """Shapes: ``input_ids (B, S)`` or ``inputs_embeds (B, S, H)``; ``attention_mask (B, S_past + S)``;
-        ``modality_ids (B, S)`` (0 = text); ``labels (B, S)`` with -100 on positions without a target."""
+        ``modality_ids (B, S)`` (0 = text); ``labels (B, S)`` with -100 on positions without a target.
+
+        Generation targets (from the processor, one per query run in row-major order): ``gen_image_values
+        (n, C, S', S')`` and ``gen_audio_values (n, 1, M, T)`` in [-1, 1]; ``gen_series_values (n, H_max)`` with
+        ``gen_series_mask (n, H_max)``."""
+        targets = {k: kwargs.pop(k) for k in GENERATION_TARGET_KEYS if kwargs.get(k) is not None}
+        for k in GENERATION_TARGET_KEYS:
+            kwargs.pop(k, None)
+        series = (kwargs.get("series_values"), kwargs.get("series_mask"))
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -456,7 +546,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)  # (B, S_keep, V)
 
-        loss = lm_loss = None
+        loss = lm_loss = diffusion_loss = forecast_loss = None
         if labels is not None:
             lm_loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size)
             moe: MoEConfig = self.config.moe_config
@@ -466,17 +556,123 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
                 + moe.z_loss_coef * outputs.z_loss
                 + moe.modality_loss_coef * outputs.modality_loss
             )
+            if len(self.model.generation_heads):
+                if input_ids is None:
+                    raise ValueError("generation targets need input_ids (to find the query slots)")
+                diffusion_loss, forecast_loss, weighted = self.generation_losses(
+                    input_ids, outputs.last_hidden_state, targets, series
+                )
+                loss = loss + weighted
         return UniMoECausalLMOutput(
             loss=loss,
             lm_loss=lm_loss,
             aux_loss=outputs.aux_loss,
             z_loss=outputs.z_loss,
             modality_loss=outputs.modality_loss,
+            diffusion_loss=diffusion_loss,
+            forecast_loss=forecast_loss,
             logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
+            last_hidden_state=outputs.last_hidden_state if output_hidden_states else None,
             router_stats=outputs.router_stats,
         )
+
+    # ------------------------------------------------------------------ generation heads
+    def generation_losses(
+        self,
+        input_ids: torch.Tensor,
+        hidden: torch.Tensor,
+        targets: dict[str, torch.Tensor],
+        series: tuple[torch.Tensor | None, torch.Tensor | None],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(diffusion_loss, forecast_loss, weighted sum)``; zero (with a graph) for heads without targets."""
+        zero = hidden.sum() * 0.0
+        diffusion, forecast, weighted = zero, zero, zero
+        for modality, head in self.model.generation_heads.items():
+            if isinstance(head, DiffusionHead):
+                target = targets.get(f"gen_{modality}_values")
+                if target is None:
+                    continue
+                states = self.model.query_states(input_ids, hidden, modality)
+                if states.shape[0] != target.shape[0]:
+                    raise InputError(f"{modality} generation: {states.shape[0]} query runs, {target.shape[0]} targets")
+                head_loss = head.loss(states, target)
+                diffusion = diffusion + head_loss
+            elif isinstance(head, ForecastHead):
+                target = targets.get("gen_series_values")
+                if target is None:
+                    continue
+                prediction, loc, scale = self.forecast_prediction(input_ids, hidden, *series)
+                if prediction.shape[0] != target.shape[0]:
+                    raise InputError(f"series generation: {prediction.shape[0]} query runs, {target.shape[0]} targets")
+                horizon = min(target.shape[1], prediction.shape[1])
+                mask = targets.get("gen_series_mask", torch.ones_like(target))[:, :horizon].to(prediction.dtype)
+                normalized = (target[:, :horizon].to(prediction.dtype) - loc[:, None]) / scale[:, None]
+                head_loss = head.loss(prediction[:, :horizon], normalized * mask, mask)
+                forecast = forecast + head_loss
+            else:  # pragma: no cover - build_head returns one of the two
+                continue
+            weighted = weighted + head.config.loss_coef * head_loss
+        return diffusion, forecast, weighted
+
+    def forecast_prediction(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, series_values, series_mask
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Normalized quantile forecasts ``(n, H_max, Q)`` with the context's ``loc (n,)`` and ``scale (n,)``."""
+        head = self.model.generation_heads["series"]
+        states = self.model.query_states(input_ids, hidden, "series")
+        context, loc, scale, _, _ = self.model.forecast_context(input_ids, series_values, series_mask)
+        return head(states, context.to(states.dtype)), loc, scale
+
+    def generate_multimodal(self, processor, messages, **kwargs: Any):
+        """Answer conversations with text and any images, speech and forecasts the model decides to produce.
+
+        ``messages`` is one conversation (a list of messages) or a batch of them; returns one
+        :class:`~unimoe.generation.MultimodalOutput` per conversation (a single one for a single conversation).
+        See :func:`unimoe.generation.api.generate_multimodal` for the options."""
+        from unimoe.generation.api import generate_multimodal
+
+        return generate_multimodal(self, processor, messages, **kwargs)
+
+    def forecast(self, processor, records, *, batch_size: int = 16) -> list[list[float]]:
+        """Point forecasts for evaluation records (their prompt messages; the horizon is ``len(record["target"])``)."""
+        from unimoe.generation.api import forecast_records
+
+        return forecast_records(self, processor, records, batch_size=batch_size)
+
+    # ------------------------------------------------------------------ checkpoints with diffusers subfolders
+    def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
+        """transformers' ``save_pretrained`` for everything but the diffusion decoders, which go to their own
+        diffusers subfolders (``decoder_image/``, ``decoder_audio/``) via diffusers' ``save_pretrained``."""
+        heads = {m: h for m, h in self.model.generation_heads.items() if isinstance(h, DiffusionHead)}
+        if heads:
+            state = kwargs.pop("state_dict", None)
+            if state is None:
+                state = self.state_dict()
+            kwargs["state_dict"] = {k: v for k, v in state.items() if not _is_decoder_key(k)}
+        out = super().save_pretrained(save_directory, *args, **kwargs)
+        for modality, head in heads.items():
+            head.decoder.save_pretrained(str(Path(save_directory) / f"decoder_{modality}"), safe_serialization=True)
+        return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
+        """transformers' loading, then each diffusion decoder from its diffusers subfolder: the decoder transformers
+        built on the meta device never holds valid non-persistent buffers (PixArt's ``pos_embed``)."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
+        for modality, head in model.model.generation_heads.items():
+            if isinstance(head, DiffusionHead):
+                folder = f"decoder_{modality}"
+                local = Path(str(pretrained_model_name_or_path)) / folder
+                if local.is_dir():
+                    head.load_decoder(local)
+                else:
+                    head.load_decoder(str(pretrained_model_name_or_path), subfolder=folder, **hub)
+        return model
+
+    _keys_to_ignore_on_load_missing = [r"generation_heads\.\w+\.decoder\."]  # loaded from decoder_*/ folders
 
     def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
         # media inputs reach forward through **kwargs, which generate's strict check does not see
@@ -495,6 +691,10 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
             fed = inputs["input_ids"] if inputs.get("input_ids") is not None else inputs["inputs_embeds"]
             inputs["modality_ids"] = modality_ids[:, -fed.shape[1] :]
         return inputs
+
+
+def _is_decoder_key(key: str) -> bool:
+    return ".generation_heads." in key and ".decoder." in key
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

@@ -13,8 +13,11 @@ import yaml
 from unimoe.configuration_unimoe import UniMoEConfig
 from unimoe.errors import ConfigError
 
-PRESET_KEYS = {"description", "text_config", "moe", "modalities", "tokenizer", "encoders", "connectors"}
-CONFIG_KEYS = ("text_config", "moe", "modalities", "encoders", "connectors", "media_token_ids")
+PRESET_KEYS = {"description", "text_config", "moe", "modalities", "tokenizer", "encoders", "connectors", "generation"}
+CONFIG_KEYS = (
+    "text_config", "moe", "modalities", "encoders", "connectors", "media_token_ids", "generation",
+    "generation_token_ids",
+)  # fmt: skip
 
 
 def _models_dir() -> Path:
@@ -87,6 +90,11 @@ def build_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None =
         fields.setdefault(
             "media_token_ids", {m: i for m, i in builtin_media_token_ids().items() if m in data["encoders"]}
         )
+    if data.get("generation") and (data.get("tokenizer") or {}).get("kind") == "bpe":
+        from unimoe.tokenizer import builtin_generation_token_ids
+
+        builtin = builtin_generation_token_ids()
+        fields.setdefault("generation_token_ids", {m: builtin[m] for m in data["generation"] if m in builtin})
     return UniMoEConfig(**fields)
 
 

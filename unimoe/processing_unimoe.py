@@ -78,12 +78,18 @@ class UniMoEProcessor(ProcessorMixin):
         from unimoe.tokenizer import MEDIA_TOKENS
 
         media_tokens = {m: MEDIA_TOKENS[m] for m in config.encoders}
+        generation_tokens = {
+            m: {kind: tokenizer.convert_ids_to_tokens(int(i)) for kind, i in ids.items()}
+            for m, ids in (getattr(config, "generation_token_ids", None) or {}).items()
+        }
         return cls(
             tokenizer,
             media_config={
                 "encoders": {m: strip_component_keys(s) for m, s in config.encoders.items()},
                 "connectors": {m: strip_component_keys(s) for m, s in config.connectors.items()},
                 "media_tokens": media_tokens,
+                "generation": {m: strip_component_keys(s) for m, s in (getattr(config, "generation", None) or {}).items()},
+                "generation_tokens": generation_tokens,
                 "modalities": list(config.modalities),
                 "max_file_bytes": max_file_bytes,
             },
@@ -101,12 +107,33 @@ class UniMoEProcessor(ProcessorMixin):
                 modality, cfg.get("connectors", {}).get(modality, {"type": "mlp"}), cls.tokens_per_unit(enc_cfg)
             )
         self.media_token_ids: dict[str, int] = {}
+        self.gen_token_ids: dict[str, int] = {}
+        self.query_token_ids: dict[str, int] = {}
+        self._heads: dict[str, Any] = {}
+        self._mel_codec = None
         if self.tokenizer is not None:
             for modality, token in cfg.get("media_tokens", {}).items():
-                token_id = self.tokenizer.convert_tokens_to_ids(token)
-                if token_id is None or token_id == self.tokenizer.unk_token_id:
-                    raise ConfigError(f"media_tokens.{modality}: token {token!r} is not in the tokenizer")
-                self.media_token_ids[modality] = token_id
+                self.media_token_ids[modality] = self._token_id(token, f"media_tokens.{modality}")
+            for modality, spec in cfg.get("generation", {}).items():
+                from unimoe.generation.config import head_config
+
+                self._heads[modality] = head_config(modality, spec)
+                tokens = cfg.get("generation_tokens", {}).get(modality, {})
+                if set(tokens) != {"gen", "query"}:
+                    raise ConfigError(f"generation_tokens.{modality}: expected 'gen' and 'query' tokens, got {tokens}")
+                self.gen_token_ids[modality] = self._token_id(tokens["gen"], f"generation_tokens.{modality}.gen")
+                self.query_token_ids[modality] = self._token_id(tokens["query"], f"generation_tokens.{modality}.query")
+
+    def _token_id(self, token: str, field: str) -> int:
+        token_id = self.tokenizer.convert_tokens_to_ids(token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ConfigError(f"{field}: token {token!r} is not in the tokenizer")
+        return token_id
+
+    @property
+    def generation_modalities(self) -> list[str]:
+        """The modalities this model can generate (its generation heads)."""
+        return list(self._heads)
 
     @property
     def modalities(self) -> list[str]:
@@ -138,6 +165,22 @@ class UniMoEProcessor(ProcessorMixin):
                 self._cache.popitem(last=False)
         return features
 
+    def load_target(self, part: dict[str, Any]) -> torch.Tensor:
+        """A generation target (a media part of an assistant turn) → the tensor its head learns: ``(C, S, S)``
+        pixels or ``(1, M, T)`` log-mel in [-1, 1], or ``(2, H_max)`` series values and mask."""
+        from unimoe.generation import codecs
+
+        modality = part["type"]
+        config = self._heads[modality]
+        source = _part_source(part, keys=("path", "bytes", "array", "values", modality))
+        if modality == "image":
+            return codecs.image_target(source, config, max_bytes=self.max_file_bytes)
+        if modality == "audio":
+            if self._mel_codec is None:
+                self._mel_codec = codecs.MelCodec(config)
+            return codecs.audio_target(source, config, self._mel_codec, max_bytes=self.max_file_bytes)
+        return _series_target(source, config.max_horizon)
+
     def num_media_tokens(self, modality: str, features: dict[str, torch.Tensor]) -> int:
         return features["values"].shape[0] * self._tokens_per_unit[modality]
 
@@ -155,21 +198,32 @@ class UniMoEProcessor(ProcessorMixin):
         ``modality_ids``, ``labels`` (assistant tokens only) and ``{modality}_values`` / ``{modality}_mask``."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        rows, media = [], {}
+        rows, media, targets = [], {}, {}
         for chat in conversations:
-            ids, labels = self._encode_chat(list(chat), add_generation_prompt, media)
+            ids, labels = self._encode_chat(list(chat), add_generation_prompt, media, targets if return_labels else None)
             rows.append((ids, labels))
-        return self._collate(rows, media, return_labels)
+        return self._collate(rows, media, return_labels, targets)
 
-    def _encode_chat(self, chat: list[dict], add_generation_prompt: bool, media: dict[str, list]) -> tuple:
-        parts = [
-            p for message in chat if isinstance(message.get("content"), list) for p in message["content"]
-            if p.get("type", "text") != "text"
-        ]  # fmt: skip
+    def _encode_chat(
+        self, chat: list[dict], add_generation_prompt: bool, media: dict[str, list], targets: dict[str, list] | None
+    ) -> tuple:
+        """Token ids and labels of one conversation. User media parts fill their placeholders (``media``); assistant
+        media parts are generation targets: the generation token (labelled) plus the head's query slots (not
+        labelled), with the target appended to ``targets`` when labels are wanted."""
+        parts, outputs = [], []
+        for message in chat:
+            if not isinstance(message.get("content"), list):
+                continue
+            media_parts = [p for p in message["content"] if p.get("type", "text") != "text"]
+            (outputs if message.get("role") == "assistant" else parts).extend(media_parts)
         for part in parts:
             if part["type"] not in self._encoders:
                 takes = ", ".join(self.modalities) or "text only"
                 raise MediaError(_part_source(part), f"this model has no {part['type']!r} encoder (it takes: {takes})")
+        for part in outputs:
+            if part["type"] not in self._heads:
+                makes = ", ".join(self._heads) or "text only"
+                raise InputError(f"this model cannot generate {part['type']!r} (it generates: {makes})")
         enc = self.tokenizer.apply_chat_template(
             chat,
             tokenize=True,
@@ -185,10 +239,23 @@ class UniMoEProcessor(ProcessorMixin):
                 f"the conversation has {len(parts)} media parts but {len(placeholders)} placeholder tokens "
                 "(is a media placeholder token written literally in the text?)"
             )
+        id_to_generated = {v: k for k, v in self.gen_token_ids.items()}
+        if targets is not None and sum(t in id_to_generated for t in ids) != len(outputs):
+            raise InputError(
+                f"the conversation has {len(outputs)} generated media parts but "
+                f"{sum(t in id_to_generated for t in ids)} generation tokens (is one written literally in the text?)"
+            )
         out_ids, out_labels = [], []
-        part_iter = iter(parts)
+        part_iter, output_iter = iter(parts), iter(outputs)
         for token, is_assistant in zip(ids, assistant):
-            if token in id_to_modality:
+            if token in id_to_generated:
+                modality = id_to_generated[token]
+                n_queries = self._heads[modality].num_queries
+                out_ids += [token] + [self.query_token_ids[modality]] * n_queries
+                out_labels += [token if is_assistant else IGNORE_INDEX] + [IGNORE_INDEX] * n_queries
+                if targets is not None:
+                    targets.setdefault(modality, []).append(self.load_target(next(output_iter)))
+            elif token in id_to_modality:
                 part = next(part_iter)
                 modality = id_to_modality[token]
                 if part["type"] != modality:
@@ -203,7 +270,9 @@ class UniMoEProcessor(ProcessorMixin):
                 out_labels.append(token if is_assistant else IGNORE_INDEX)
         return out_ids, out_labels
 
-    def _collate(self, rows: list[tuple], media: dict[str, list], return_labels: bool) -> BatchFeature:
+    def _collate(
+        self, rows: list[tuple], media: dict[str, list], return_labels: bool, targets: dict[str, list] | None = None
+    ) -> BatchFeature:
         pad_id = self.tokenizer.pad_token_id
         length = max(len(ids) for ids, _ in rows)
         left = self.tokenizer.padding_side == "left"
@@ -216,11 +285,17 @@ class UniMoEProcessor(ProcessorMixin):
             labels[i, span] = torch.tensor(lab, dtype=torch.long)
             attention_mask[i, span] = 1
         modality_ids = torch.zeros_like(input_ids)
-        for modality, token_id in self.media_token_ids.items():
+        for modality, token_id in [*self.media_token_ids.items(), *self.query_token_ids.items()]:
             modality_ids[input_ids == token_id] = self._modality_index(modality)
         data = {"input_ids": input_ids, "attention_mask": attention_mask, "modality_ids": modality_ids}
         if return_labels:
             data["labels"] = labels
+        for modality, items in (targets or {}).items():
+            stacked = torch.stack(items)
+            if modality == "series":  # (n, 2, H_max): values and mask
+                data["gen_series_values"], data["gen_series_mask"] = stacked[:, 0], stacked[:, 1]
+            else:
+                data[f"gen_{modality}_values"] = stacked
         for modality, items in media.items():
             data[f"{modality}_values"] = torch.cat([f["values"] for f in items])
             if "mask" in items[0]:
@@ -237,11 +312,34 @@ class UniMoEProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "modality_ids"] + [f"{m}_values" for m in self.modalities]
 
 
-def _part_source(part: dict[str, Any]) -> Any:
-    for key in ("path", "bytes", "array", part.get("type", "")):
+def _part_source(part: dict[str, Any], keys: tuple[str, ...] = ("path", "bytes", "array")) -> Any:
+    for key in (*keys, part.get("type", "")):
         if key and part.get(key) is not None:
             return part[key]
-    raise MediaError(part.get("type", "media"), "message part has no 'path', 'bytes' or 'array'")
+    raise MediaError(part.get("type", "media"), f"message part has none of {', '.join(repr(k) for k in keys)}")
+
+
+def _series_target(source: Any, max_horizon: int) -> torch.Tensor:
+    """Forecast target values (a list, an array, or a series file: its first channel) → ``(2, max_horizon)``
+    values and mask (a longer target is cut: the head forecasts at most ``max_horizon`` steps)."""
+    import numpy as np
+
+    if isinstance(source, (str, Path, bytes)):
+        from unimoe.encoders.series import TimeSeriesEncoderConfig, load_series
+
+        array = load_series(source, TimeSeriesEncoderConfig())[:, 0]
+    else:
+        try:
+            array = np.asarray(source, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            raise MediaError("series target", "forecast target values must be numbers") from None
+    if array.size == 0 or not np.isfinite(array).all():
+        raise MediaError("series target", "forecast target is empty or has NaN / infinite values")
+    out = torch.zeros(2, max_horizon)
+    n = min(array.size, max_horizon)
+    out[0, :n] = torch.from_numpy(np.ascontiguousarray(array[:n], dtype=np.float32))
+    out[1, :n] = 1.0
+    return out
 
 
 __all__ = ["IGNORE_INDEX", "SUFFIX_MODALITY", "UniMoEProcessor", "guess_modality"]

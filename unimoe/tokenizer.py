@@ -27,11 +27,18 @@ MEDIA_TOKENS = {
 }
 #: Query tokens that ask the model to generate a modality (used by the generation heads).
 GENERATION_TOKENS = {"image": "<|gen_image|>", "audio": "<|gen_audio|>", "series": "<|gen_series|>"}
-RESERVED_TOKENS = [f"<|reserved_{i}|>" for i in range(8)]
-SPECIAL_TOKENS = [PAD, IM_START, EOS, *MEDIA_TOKENS.values(), *GENERATION_TOKENS.values(), *RESERVED_TOKENS]
+#: The slots of a generation head's learnable queries, which follow its generation token (their embeddings are
+#: replaced by the head's query embeddings). They took the ids of the first three reserved tokens.
+QUERY_TOKENS = {"image": "<|query_image|>", "audio": "<|query_audio|>", "series": "<|query_series|>"}
+RESERVED_TOKENS = [f"<|reserved_{i}|>" for i in range(3, 8)]
+SPECIAL_TOKENS = [
+    PAD, IM_START, EOS, *MEDIA_TOKENS.values(), *GENERATION_TOKENS.values(), *QUERY_TOKENS.values(), *RESERVED_TOKENS
+]  # fmt: skip
 
-# ChatML. Media parts render as their placeholder token; the processor expands each into the connector's number
-# of tokens. `{% generation %}` marks assistant text so `return_assistant_tokens_mask` can build the labels.
+# ChatML. Media parts of user turns render as their placeholder token (the processor expands each into the
+# connector's number of tokens); media parts of assistant turns are generation targets and render as the
+# generation token (the processor appends the head's query slots). `{% generation %}` marks assistant tokens so
+# `return_assistant_tokens_mask` can build the labels.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -41,7 +48,7 @@ CHAT_TEMPLATE = (
     "{% else %}"
     "{% if message['role'] == 'assistant' %}{% generation %}"
     "{% for part in message['content'] %}"
-    "{% if part['type'] == 'text' %}{{ part['text'] }}{% else %}{{ '<|' + part['type'] + '|>' }}{% endif %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% else %}{{ '<|gen_' + part['type'] + '|>' }}{% endif %}"
     "{% endfor %}{{ '<|im_end|>' }}{% endgeneration %}"
     "{% else %}"
     "{% for part in message['content'] %}"
@@ -68,6 +75,14 @@ _WORDS = (
 def builtin_media_token_ids() -> dict[str, int]:
     """Ids of the media placeholders in tokenizers from :func:`build_tokenizer` (special tokens come first)."""
     return {m: SPECIAL_TOKENS.index(t) for m, t in MEDIA_TOKENS.items()}
+
+
+def builtin_generation_token_ids() -> dict[str, dict[str, int]]:
+    """``{modality: {"gen": id, "query": id}}`` in tokenizers from :func:`build_tokenizer`."""
+    return {
+        m: {"gen": SPECIAL_TOKENS.index(GENERATION_TOKENS[m]), "query": SPECIAL_TOKENS.index(QUERY_TOKENS[m])}
+        for m in GENERATION_TOKENS
+    }
 
 
 def builtin_corpus() -> list[str]:

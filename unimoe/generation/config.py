@@ -1,0 +1,175 @@
+"""Typed configs of the generation heads (``UniMoEConfig.generation[modality]``).
+
+A diffusion head (image, audio) turns the last-layer hidden states of ``num_queries`` learnable query tokens into the
+cross-attention conditioning of a diffusers transformer decoder; the forecasting head (series) turns them into point
+and quantile forecasts. Every field is validated on construction with a message that names it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from unimoe.config_utils import config_from_dict
+from unimoe.errors import ConfigError
+
+
+def _tiny_decoder() -> dict[str, Any]:
+    return {"class": "PixArtTransformer2DModel", "num_attention_heads": 2, "attention_head_dim": 16, "num_layers": 2,
+            "patch_size": 2}  # fmt: skip
+
+
+@dataclass
+class DiffusionHeadConfig:
+    """What every diffusion head shares.
+
+    ``decoder`` is ``{"class": <DIFFUSION_DECODERS name>, **architecture kwargs}``; the head fills in the channels,
+    sample size and conditioning width. Training is flow matching (rectified flow, as in SD3): ``x_t = (1 - s) x_0
+    + s * noise`` with ``s`` drawn logit-normally, the decoder predicts ``noise - x_0``; sampling integrates it with
+    diffusers' ``FlowMatchEulerDiscreteScheduler`` and classifier-free guidance (the condition is dropped with
+    probability ``cond_dropout`` in training and replaced by a learned null condition)."""
+
+    num_queries: int = 8
+    cond_dim: int = 32
+    decoder: dict[str, Any] = field(default_factory=_tiny_decoder)
+    num_inference_steps: int = 20
+    guidance_scale: float = 2.0
+    cond_dropout: float = 0.1
+    noise_samples: int = 4
+    shift: float = 1.0
+    loss_coef: float = 1.0
+
+    def __post_init__(self) -> None:
+        where = f"generation.{self.modality}"
+        _positive(self, ("num_queries", "cond_dim", "num_inference_steps", "noise_samples"), where)
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ConfigError(f"{where}.cond_dropout: must be in [0, 1), got {self.cond_dropout}")
+        if self.guidance_scale < 1.0:
+            raise ConfigError(f"{where}.guidance_scale: must be >= 1 (1 = no guidance), got {self.guidance_scale}")
+        if self.shift <= 0 or self.loss_coef < 0:
+            raise ConfigError(f"{where}: shift must be > 0 and loss_coef >= 0")
+        if not isinstance(self.decoder, dict) or "class" not in self.decoder:
+            raise ConfigError(f"{where}.decoder: expected a mapping with a 'class' key, got {self.decoder!r}")
+        from unimoe.generation.decoders import DIFFUSION_DECODERS
+
+        DIFFUSION_DECODERS.get(self.decoder["class"], field=f"{where}.decoder.class")
+
+    modality = "image"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        raise NotImplementedError
+
+
+@dataclass
+class ImageHeadConfig(DiffusionHeadConfig):
+    """Pixel-space images of ``size`` × ``size`` (``channels`` 1 = greyscale, 3 = RGB) in [-1, 1]; saved images
+    are upscaled (nearest) to ``output_size``."""
+
+    size: int = 16
+    channels: int = 1
+    output_size: int = 32
+
+    modality = "image"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive(self, ("size", "output_size"), "generation.image")
+        if self.channels not in (1, 3):
+            raise ConfigError(f"generation.image.channels: 1 (greyscale) or 3 (RGB), got {self.channels}")
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.size, self.size)
+
+
+@dataclass
+class AudioHeadConfig(DiffusionHeadConfig):
+    """Log-mel spectrograms of ``n_mels`` × ``frames`` (``frames * hop_length / sample_rate`` seconds), turned into a
+    waveform by ``vocoder`` (``griffin_lim``: torchaudio's InverseMelScale + GriffinLim). The dB scale: the
+    waveform is peak-normalized, then ``[top_db - range_db, top_db]`` maps to [-1, 1]."""
+
+    sample_rate: int = 16000
+    n_fft: int = 1024
+    hop_length: int = 384
+    n_mels: int = 32
+    frames: int = 32
+    top_db: float = 45.0
+    range_db: float = 80.0
+    vocoder: str = "griffin_lim"
+    griffin_lim_iters: int = 32
+
+    modality = "audio"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        where = "generation.audio"
+        _positive(self, ("sample_rate", "n_fft", "hop_length", "n_mels", "frames", "griffin_lim_iters"), where)
+        if self.hop_length > self.n_fft:
+            raise ConfigError(f"{where}.hop_length: {self.hop_length} is larger than n_fft={self.n_fft}")
+        if self.range_db <= 0:
+            raise ConfigError(f"{where}.range_db: must be > 0, got {self.range_db}")
+        from unimoe.generation.codecs import VOCODERS
+
+        VOCODERS.get(self.vocoder, field=f"{where}.vocoder")
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (1, self.n_mels, self.frames)
+
+
+@dataclass
+class ForecastHeadConfig:
+    """Forecasts of up to ``max_horizon`` steps of a prompt's last time series (its first channel), as the
+    ``quantiles`` of the predictive distribution (the point forecast is the median), trained with the pinball loss
+    in the context's instance-normalized units. ``context_skip`` adds a linear map of the normalized context to the
+    query-token path (the linear-forecaster residual of DLinear-style models): the LLM's query states refine it."""
+
+    num_queries: int = 4
+    max_horizon: int = 24
+    default_horizon: int = 12
+    quantiles: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
+    hidden_size: int = 128
+    context_skip: bool = True
+    loss_coef: float = 1.0
+
+    modality = "series"
+
+    def __post_init__(self) -> None:
+        where = "generation.series"
+        _positive(self, ("num_queries", "max_horizon", "default_horizon", "hidden_size"), where)
+        if self.default_horizon > self.max_horizon:
+            raise ConfigError(f"{where}.default_horizon: {self.default_horizon} exceeds max_horizon={self.max_horizon}")
+        qs = [float(q) for q in self.quantiles]
+        if not qs or any(not 0.0 < q < 1.0 for q in qs) or qs != sorted(set(qs)):
+            raise ConfigError(f"{where}.quantiles: increasing distinct values in (0, 1), got {self.quantiles}")
+        if 0.5 not in qs:
+            raise ConfigError(f"{where}.quantiles: must contain 0.5 (the point forecast), got {self.quantiles}")
+        self.quantiles = qs
+        if self.loss_coef < 0:
+            raise ConfigError(f"{where}.loss_coef: must be >= 0, got {self.loss_coef}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+HEAD_CONFIGS: dict[str, type] = {"image": ImageHeadConfig, "audio": AudioHeadConfig, "series": ForecastHeadConfig}
+
+
+def head_config(modality: str, spec: dict[str, Any] | Any):
+    """The typed config of ``generation[modality]``."""
+    if modality not in HEAD_CONFIGS:
+        raise ConfigError(f"generation.{modality}: no generation head for this modality; choose one of "
+                          f"{', '.join(HEAD_CONFIGS)}")  # fmt: skip
+    spec = {k: v for k, v in dict(spec or {}).items() if k != "trainable"}
+    return config_from_dict(HEAD_CONFIGS[modality], spec, where=f"generation.{modality}")
+
+
+def _positive(cfg: Any, names: tuple[str, ...], where: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ConfigError(f"{where}.{name}: must be a positive integer, got {value!r}")

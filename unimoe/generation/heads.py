@@ -1,0 +1,167 @@
+"""Generation heads: learnable query tokens whose last-layer hidden states drive a decoder.
+
+* :class:`DiffusionHead` (images, audio): queries → connector → the cross-attention conditioning of a diffusers
+  transformer, trained with flow matching and sampled with a diffusers scheduler + classifier-free guidance.
+* :class:`ForecastHead` (time series): queries (+ the normalized context) → quantile forecasts.
+
+The decoder is a diffusers ``ModelMixin`` nested in a transformers model, which has two pitfalls (DESIGN.md):
+``post_init`` would re-initialize it with the LLM's init (so every decoder submodule is flagged as initialized), and
+``from_pretrained`` builds it on the meta device, leaving non-persistent buffers such as PixArt's ``pos_embed``
+invalid (so decoders are saved as diffusers subfolders and replaced by ``load_decoder`` after loading).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import AudioHeadConfig, DiffusionHeadConfig, ForecastHeadConfig, ImageHeadConfig, head_config
+from .decoders import DIFFUSION_DECODERS, decoder_class
+
+
+def mark_initialized(module: nn.Module) -> None:
+    """Keep transformers' ``post_init`` / ``_init_weights`` away from a module built with its own initialization."""
+    for sub in module.modules():
+        sub._is_hf_initialized = True
+
+
+class DiffusionHead(nn.Module):
+    """``num_queries`` query embeddings, a connector to the decoder's conditioning width, a learned null condition
+    for classifier-free guidance, and the diffusers decoder."""
+
+    def __init__(self, config: DiffusionHeadConfig, hidden_size: int):
+        super().__init__()
+        self.config = config
+        n, d = config.num_queries, config.cond_dim
+        self.queries = nn.Parameter(torch.randn(n, hidden_size) * 0.02)  # (N, H)
+        self.connector = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d), nn.GELU(), nn.Linear(d, d))
+        self.null_condition = nn.Parameter(torch.zeros(n, d))  # (N, D)
+        self.decoder = self.build_decoder()
+        mark_initialized(self.decoder)
+
+    def build_decoder(self) -> nn.Module:
+        cfg = self.config
+        kwargs = {k: v for k, v in cfg.decoder.items() if k != "class"}
+        channels, height, width = cfg.sample_shape
+        return DIFFUSION_DECODERS.get(cfg.decoder["class"]).build(kwargs, channels, (height, width), cfg.cond_dim)
+
+    def load_decoder(self, path: str | Path, **hub_kwargs: Any) -> None:
+        """Replace the decoder by the diffusers checkpoint at ``path`` (a local folder or a Hub id + subfolder)."""
+        cls = decoder_class(self.config.decoder["class"])
+        ref = self.queries
+        decoder = cls.from_pretrained(str(path), use_safetensors=True, **hub_kwargs).to(ref.device)
+        self.decoder = decoder if ref.dtype == torch.float32 else decoder.to(dtype=ref.dtype)
+        mark_initialized(self.decoder)
+
+    def predict(self, x: torch.Tensor, cond: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        return DIFFUSION_DECODERS.get(self.config.decoder["class"]).predict(self.decoder, x, cond, timesteps)
+
+    def condition(self, query_states: torch.Tensor) -> torch.Tensor:
+        """``(n, N, H)`` last-layer query states → ``(n, N, D)`` decoder conditioning."""
+        return self.connector(query_states)
+
+    def loss(self, query_states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Flow-matching loss. ``query_states (n, N, H)``, ``targets (n, C, H', W')`` in [-1, 1]. Each item is noised
+        ``noise_samples`` times (the decoder is small next to the LLM pass that produced the condition)."""
+        from diffusers.training_utils import compute_density_for_timestep_sampling
+
+        cfg = self.config
+        k = cfg.noise_samples
+        cond = self.condition(query_states).repeat_interleave(k, dim=0)  # (n*k, N, D)
+        x0 = targets.to(cond.dtype).repeat_interleave(k, dim=0)  # (n*k, C, H', W')
+        if cfg.cond_dropout > 0:
+            drop = torch.rand(cond.shape[0], 1, 1, device=cond.device) < cfg.cond_dropout
+            cond = torch.where(drop, self.null_condition.to(cond.dtype).expand_as(cond), cond)
+        u = compute_density_for_timestep_sampling("logit_normal", cond.shape[0], logit_mean=0.0, logit_std=1.0)
+        sigma = u.to(device=cond.device, dtype=cond.dtype)
+        sigma = cfg.shift * sigma / (1 + (cfg.shift - 1) * sigma)  # the scheduler's timestep shift
+        noise = torch.randn_like(x0)
+        s = sigma.view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        velocity = self.predict(x_t, cond, sigma * 1000)
+        return F.mse_loss(velocity.float(), (noise - x0).float())
+
+    @torch.no_grad()
+    def sample(
+        self,
+        query_states: torch.Tensor,
+        *,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """``(n, N, H)`` query states → ``(n, C, H', W')`` samples in [-1, 1]."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        cfg = self.config
+        steps = int(num_inference_steps or cfg.num_inference_steps)
+        guidance = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
+        if steps < 1 or guidance < 1.0:
+            from unimoe.errors import ConfigError
+
+            raise ConfigError(f"sampling: steps must be >= 1 and guidance >= 1, got {steps} and {guidance}")
+        cond = self.condition(query_states)  # (n, N, D)
+        n = cond.shape[0]
+        if guidance > 1.0:
+            cond = torch.cat([cond, self.null_condition.to(cond.dtype).expand_as(cond)])
+        scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
+        scheduler.set_timesteps(steps, device=cond.device)  # required before every sampling loop
+        x = torch.randn((n, *cfg.sample_shape), generator=generator, device=cond.device, dtype=torch.float32)
+        x = x.to(cond.dtype)
+        for t in scheduler.timesteps:
+            inp = torch.cat([x, x]) if guidance > 1.0 else x
+            velocity = self.predict(inp, cond, t.expand(inp.shape[0]).to(cond.dtype))
+            if guidance > 1.0:
+                v_cond, v_uncond = velocity.chunk(2)
+                velocity = v_uncond + guidance * (v_cond - v_uncond)
+            x = scheduler.step(velocity, t, x).prev_sample
+        return x.clamp(-1.0, 1.0)
+
+
+class ForecastHead(nn.Module):
+    """Quantile forecasts ``(n, max_horizon, Q)`` in the context's normalized units."""
+
+    def __init__(self, config: ForecastHeadConfig, hidden_size: int, context_length: int):
+        super().__init__()
+        self.config = config
+        n, q, h = config.num_queries, len(config.quantiles), config.max_horizon
+        self.queries = nn.Parameter(torch.randn(n, hidden_size) * 0.02)
+        self.mlp = nn.Sequential(
+            nn.LayerNorm(n * hidden_size), nn.Linear(n * hidden_size, config.hidden_size), nn.GELU(),
+            nn.Linear(config.hidden_size, h * q),
+        )  # fmt: skip
+        self.skip = nn.Linear(context_length, h) if config.context_skip else None
+        self.register_buffer("levels", torch.tensor(config.quantiles), persistent=False)
+
+    def forward(self, query_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """``query_states (n, N, H)``, normalized ``context (n, L)`` → ``(n, max_horizon, Q)``."""
+        cfg = self.config
+        out = self.mlp(query_states.flatten(1)).view(-1, cfg.max_horizon, len(cfg.quantiles))
+        if self.skip is not None:
+            out = out + self.skip(context).unsqueeze(-1)
+        return out
+
+    def loss(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Pinball loss averaged over quantiles and observed target steps. ``target`` / ``mask`` ``(n, H)``."""
+        levels = self.levels.to(prediction.dtype)
+        error = target.unsqueeze(-1) - prediction  # (n, H, Q)
+        pinball = torch.maximum(levels * error, (levels - 1) * error).mean(-1)  # (n, H)
+        return (pinball * mask).sum() / mask.sum().clamp_min(1)
+
+
+def build_head(modality: str, spec: dict[str, Any], *, hidden_size: int, context_length: int | None = None):
+    cfg = head_config(modality, spec)
+    if isinstance(cfg, ForecastHeadConfig):
+        if context_length is None:
+            from unimoe.errors import ConfigError
+
+            raise ConfigError("generation.series: the forecasting head needs a series encoder (encoders.series)")
+        return ForecastHead(cfg, hidden_size, context_length)
+    return DiffusionHead(cfg, hidden_size)
+
+
+__all__ = ["AudioHeadConfig", "DiffusionHead", "ForecastHead", "ImageHeadConfig", "build_head", "mark_initialized"]
