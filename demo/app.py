@@ -86,7 +86,13 @@ def build_app(
             else:
                 yield (_chat_message(update), *_panel_outputs(update, engine.num_experts))
 
-    heatmap = gr.Image(label="Expert load per MoE layer (last reply)", type="filepath", render=False, interactive=False)
+    heatmap = gr.Image(
+        label="Expert load per MoE layer (last reply)",
+        show_label=False,
+        type="filepath",
+        render=False,
+        interactive=False,
+    )
     summary = gr.Markdown("Send a message to see which experts each modality used.", render=False)
     points_view = gr.Model3D(label="Point cloud", display_mode="point_cloud", render=False, interactive=False)
     series_view = gr.Plot(label="Time series", render=False)

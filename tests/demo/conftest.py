@@ -27,6 +27,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture
+def port() -> int:
+    """A free port on 127.0.0.1."""
+    return free_port()
+
+
 @pytest.fixture(scope="session")
 def model_and_processor(tokenizer):
     from unimoe import build_model

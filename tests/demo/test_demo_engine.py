@@ -1,0 +1,220 @@
+"""The demo's model side without a server: history in every shape gradio hands it over, upload checks, readable
+errors, how generated images / speech / forecasts become chat messages, and the previews."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from unimoe.demo.app import _chat_message, _panel_outputs
+from unimoe.demo.engine import NOTICE, ChatEngine, GenerationSettings, history_messages, readable
+from unimoe.demo.media import forecast_figure, routing_summary, series_figure, write_point_cloud_preview
+from unimoe.encoders import MediaError
+from unimoe.errors import InputError
+
+
+def test_history_keeps_text_turns_in_every_shape_gradio_uses():
+    history = [
+        # from the browser: normalized parts
+        {"role": "user", "content": [{"type": "file", "file": {"path": "/tmp/a.png"}}, {"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "hello"}]},
+        # from the /chat API: raw strings, file dicts and components
+        {"role": "user", "content": [{"path": "/tmp/b.wav"}, "and this?"]},
+        {"role": "assistant", "content": "a tone"},
+        {"role": "assistant", "content": gr.Image(value=None, render=False)},
+        {"role": "assistant", "content": "more"},
+    ]
+    assert history_messages(history, limit=8) == [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": [{"type": "text", "text": "and this?"}]},
+        {"role": "assistant", "content": "a tone\nmore"},  # one assistant turn, split by gradio into messages
+    ]
+
+
+def test_history_drops_notices_with_their_question_and_starts_with_the_user():
+    history = [
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "one"},
+        {"role": "user", "content": "look at this"},
+        {"role": "assistant", "content": f"{NOTICE}bad.png: corrupt image"},
+        {"role": "user", "content": "second"},
+        {"role": "assistant", "content": "two"},
+    ]
+    texts = [
+        m["content"] if isinstance(m["content"], str) else m["content"][0]["text"] for m in history_messages(history, 8)
+    ]
+    assert texts == ["first", "one", "second", "two"]
+    assert [m["role"] for m in history_messages(history, limit=3)] == ["user", "assistant"]  # never starts mid-turn
+    assert history_messages(history, limit=0) == []
+
+
+def test_readable_names_the_users_file_not_the_server_path(tmp_path):
+    path = tmp_path / "gradio" / "0123abcd" / "photo.png"
+    err = MediaError(path, "corrupt image (Truncated File Read)\nsecond line")
+    assert readable(err, [path]) == "photo.png: corrupt image (Truncated File Read)"
+
+
+@pytest.fixture
+def engine(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    return ChatEngine(model, processor, output_dir=tmp_path / "out", max_file_bytes=1000)
+
+
+def test_uploads_are_checked_before_decoding(engine, tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x" * 10)
+    assert engine.attachments([str(tmp_path / "a.png")])[0].modality == "image"
+    cases = {
+        "notes.docx": (b"x", "unsupported file type .docx"),
+        "empty.wav": (b"", "file is empty"),
+        "big.csv": (b"1\n" * 600, "above the demo's limit of 1,000 bytes"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(MediaError, match=message):
+            engine.attachments([{"path": str(tmp_path / name)}])
+    with pytest.raises(MediaError, match="missing"):
+        engine.attachments([str(tmp_path / "gone.png")])
+
+
+def test_a_modality_without_an_encoder_is_refused(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    image_only = SimpleNamespace(modalities=["image"], max_file_bytes=None, tokenizer=processor.tokenizer)
+    engine = ChatEngine(model, image_only, output_dir=tmp_path)
+    sf.write(tmp_path / "a.wav", np.zeros(1600), 16000)
+    with pytest.raises(MediaError, match="this checkpoint has no audio encoder \\(it reads: image\\)"):
+        engine.attachments([tmp_path / "a.wav"])
+
+
+def test_empty_message_and_bad_text_get_a_notice_not_an_exception(engine):
+    assert list(engine.stream("", []))[-1].error == "Type a message or attach a file."
+    reply = list(engine.stream("look <|image|> here", [], settings=GenerationSettings(max_new_tokens=2)))[-1]
+    assert reply.error and "placeholder" in reply.error  # the processor's InputError, as one line
+
+
+class _Output(SimpleNamespace):
+    """What ``generate_multimodal`` returns (text, images, audio, forecasts)."""
+
+
+def _multimodal_double(model, processor, fail: Exception | None = None):
+    """Give a model the ``generate_multimodal`` contract: text streamed from the real model, plus one image, one
+    speech clip and one forecast — to test how the demo shows generated media independently of the heads."""
+
+    def generate_multimodal(proc, messages, *, max_new_tokens, temperature, seed, num_inference_steps,
+                            guidance_scale, streamer):  # fmt: skip
+        if fail is not None:
+            raise fail
+        inputs = proc(messages, add_generation_prompt=True, return_labels=False)
+        model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, streamer=streamer,
+                       pad_token_id=proc.tokenizer.pad_token_id, eos_token_id=proc.tokenizer.eos_token_id)  # fmt: skip
+        calls.append({"steps": num_inference_steps, "guidance": guidance_scale, "seed": seed})
+        h = 6
+        return _Output(
+            text="Here you go.",
+            images=[Image.fromarray(np.full((16, 16, 3), 200, dtype=np.uint8))],
+            audio=[SimpleNamespace(waveform=np.sin(np.arange(8000) / 5).astype(np.float32), sample_rate=16000)],
+            forecasts=[
+                SimpleNamespace(
+                    point=np.arange(h, dtype=np.float32),
+                    quantiles={0.1: np.arange(h) - 1.0, 0.5: np.arange(h) * 1.0, 0.9: np.arange(h) + 1.0},
+                    context=np.sin(np.arange(30) / 3),
+                )
+            ],
+        )
+
+    calls: list[dict] = []
+    model.generate_multimodal = generate_multimodal
+    return calls
+
+
+def test_generated_media_become_chat_components(tokenizer, tmp_path):
+    from unimoe import build_model
+    from unimoe.processing_unimoe import UniMoEProcessor
+
+    model = build_model("tiny", seed=0).eval()
+    processor = UniMoEProcessor.from_model_config(tokenizer, model.config)
+    calls = _multimodal_double(model, processor)
+    engine = ChatEngine(model, processor, output_dir=tmp_path)
+    settings = GenerationSettings(max_new_tokens=3, num_inference_steps=7, guidance_scale=2.5, seed=3)
+    reply = list(engine.stream("Draw a three and say it.", [], settings=settings))[-1]
+    assert reply.error is None and reply.text == "Here you go."
+    assert calls == [{"steps": 7, "guidance": 2.5, "seed": 3}]  # the settings panel reaches the heads
+    assert Image.open(reply.images[0]).size == (16, 16)
+    wave, rate = sf.read(reply.audio[0])
+    assert rate == 16000 and len(wave) == 8000
+    assert reply.forecasts[0].point.shape == (6,) and set(reply.forecasts[0].quantiles) == {0.1, 0.5, 0.9}
+    assert set(reply.routing) == {"text"}  # the routing panel still covers the text generation
+
+    message = _chat_message(reply)
+    assert message[0] == "Here you go."
+    assert [type(part) for part in message[1:]] == [gr.Image, gr.Audio, gr.Plot]
+    # the browser path postprocesses every part: no bare {"path": ...}, nothing gradio rejects
+    chatbot = gr.Chatbot(render=False)
+    history = [{"role": "assistant", "content": part} for part in message]
+    rendered = chatbot.postprocess(history).model_dump()
+    kinds = [m["content"][0].get("component") or m["content"][0]["type"] for m in rendered]
+    assert kinds == ["text", "image", "audio", "plot"]
+    details = reply.to_json()
+    assert details["images"] == [str(reply.images[0])] and details["forecasts"][0]["quantiles"]["0.9"][0] == 1.0
+
+
+def test_a_generation_the_checkpoint_cannot_serve_is_one_readable_line(tokenizer, tmp_path):
+    from unimoe import build_model
+    from unimoe.processing_unimoe import UniMoEProcessor
+
+    model = build_model("tiny", seed=0).eval()
+    processor = UniMoEProcessor.from_model_config(tokenizer, model.config)
+    problem = InputError("this checkpoint has no image decoder (decoder_image/), so it cannot generate image")
+    _multimodal_double(model, processor, fail=problem)
+    reply = list(ChatEngine(model, processor, output_dir=tmp_path).stream("Draw a cat", []))[-1]
+    assert reply.error == str(problem)
+    assert _chat_message(reply) == f"{NOTICE}{problem}"
+    heatmap, summary, *_ = _panel_outputs(reply, num_experts=4)
+    assert heatmap is None and "not answered" in summary
+
+
+def test_an_unexpected_failure_is_reported_and_logged(tokenizer, tmp_path, caplog):
+    from unimoe import build_model
+    from unimoe.processing_unimoe import UniMoEProcessor
+
+    model = build_model("tiny", seed=0).eval()
+    processor = UniMoEProcessor.from_model_config(tokenizer, model.config)
+    _multimodal_double(model, processor, fail=RuntimeError("CUDA out of memory"))
+    reply = list(ChatEngine(model, processor, output_dir=tmp_path).stream("hi", []))[-1]
+    assert reply.error == "the model failed: RuntimeError: CUDA out of memory"
+    assert "generation failed" in caplog.text
+
+
+def test_previews_and_plots(tmp_path):
+    rng = np.random.default_rng(0)
+    cloud = np.concatenate([rng.normal(size=(30_000, 3)), rng.uniform(size=(30_000, 3))], axis=1)
+    path = write_point_cloud_preview(cloud, tmp_path / "cloud.ply")
+    import trimesh
+
+    loaded = trimesh.load(path)
+    assert isinstance(loaded, trimesh.PointCloud) and len(loaded.vertices) == 20_000  # subsampled for the browser
+    assert loaded.colors.shape[0] == 20_000
+    assert len(series_figure(np.zeros((40, 2))).axes[0].lines) == 2
+    fig = forecast_figure(np.zeros(20), np.ones(5), {"0.1": np.zeros(5), "0.9": np.full(5, 2.0)})
+    assert len(fig.axes[0].collections) == 1  # the quantile band
+    table = routing_summary({"text": np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])}, num_experts=2)
+    assert "| text | e1 (60%) | e0 (50%) |" in table
+    assert "n0" in routing_summary({"image": np.array([[0.1, 0.2, 0.7]])}, num_experts=2)
+    assert "no MoE layers" in routing_summary({}, num_experts=0)
+
+
+def test_panel_outputs_keep_previews_when_a_turn_has_none():
+    from unimoe.demo.engine import Reply
+
+    heatmap, summary, points, series, details = _panel_outputs(Reply(prompt="hi", text="yo"), num_experts=4)
+    assert points == gr.skip() and series == gr.skip()
+    assert details["text"] == "yo"
+    reply = Reply(prompt="x", series_preview=("s.csv", np.zeros((5, 1))), points_preview=Path("/tmp/p.ply"))
+    _, _, points, series, _ = _panel_outputs(reply, num_experts=4)
+    assert points == "/tmp/p.ply" and series.axes[0].get_title() == "s.csv"
