@@ -49,7 +49,8 @@ def part_of(name: str, lora_expert_modules: frozenset[str] = frozenset()) -> str
 
 def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[str, int]:
     """Set ``requires_grad`` per part. A part's value is a bool, or for ``encoders`` / ``connectors`` /
-    ``generation`` a bool or a list of modalities. Parts not named are frozen. Returns trainable parameter counts per part."""
+    ``generation`` a bool or a list of modalities. Parts not named are frozen. Returns trainable parameter counts
+    per part."""
     from unimoe.moe import LoRAExperts
 
     lora_experts = frozenset(

@@ -112,21 +112,31 @@ def _quiet_transformers() -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from unimoe.inference import chat, load_pretrained
+    from unimoe.inference import load_pretrained, respond
 
     _quiet_transformers()
     model, processor = load_pretrained(args.model)
-    answer = chat(
+    reply = respond(
         model,
         processor,
         args.prompt,
         args.file,
         modalities=[args.modality] if args.modality else None,
+        output=args.output,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
     )
-    print(answer)
+    if reply.text:
+        print(reply.text)
+    made = len(reply.images) + len(reply.audio) + len(reply.forecasts)
+    if made and args.save_dir is None:
+        print(f"(generated {made} media item(s); pass --save-dir DIR to write them)")
+    elif made:
+        for path in reply.save(args.save_dir):
+            print(path)
     return 0
 
 
@@ -265,6 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-dir", default=None, help="write generated images / audio / forecasts here")
+    p.add_argument("--output", choices=["image", "audio", "series"], default=None,
+                   help="ask for this medium instead of letting the model decide")  # fmt: skip
+    p.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (default: the head's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("data", help="build the offline benchmark suite")

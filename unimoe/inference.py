@@ -77,6 +77,54 @@ def load_pretrained(path: str | Path, *, device: str | torch.device | None = Non
     return model, processor
 
 
+def user_message(
+    prompt: str, files: Sequence[str | Path] = (), modalities: Sequence[str | None] | None = None
+) -> dict[str, Any]:
+    """One user turn: the media files (modality from the suffix unless given), then the prompt."""
+    from unimoe.processing_unimoe import guess_modality
+
+    modalities = list(modalities or [None] * len(files))
+    if len(modalities) not in (1, len(files)):
+        raise ConfigError("--modality: give one for all files or one per file")
+    if len(modalities) == 1 and len(files) > 1:
+        modalities = modalities * len(files)
+    content = [{"type": m or guess_modality(path), "path": str(path)} for path, m in zip(files, modalities)]
+    content.append({"type": "text", "text": prompt})
+    return {"role": "user", "content": content}
+
+
+@torch.no_grad()
+def respond(
+    model,
+    processor,
+    prompt: str,
+    files: Sequence[str | Path] = (),
+    *,
+    modalities: Sequence[str | None] | None = None,
+    output: str | None = None,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+):
+    """Answer one user turn with text and any generated media (:class:`unimoe.generation.MultimodalOutput`).
+    ``output`` (``image`` / ``audio`` / ``series``) asks for that medium instead of letting the model decide."""
+    from unimoe.generation.api import generate_multimodal
+
+    return generate_multimodal(
+        model,
+        processor,
+        [user_message(prompt, files, modalities)],
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale,
+        output_modality=output,
+    )
+
+
 @torch.no_grad()
 def chat(
     model,
@@ -117,4 +165,4 @@ def chat(
     return processor.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
 
 
-__all__ = ["chat", "check_checkpoint_dir", "init_checkpoint", "load_pretrained"]
+__all__ = ["chat", "check_checkpoint_dir", "init_checkpoint", "load_pretrained", "respond", "user_message"]

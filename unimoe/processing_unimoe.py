@@ -88,7 +88,9 @@ class UniMoEProcessor(ProcessorMixin):
                 "encoders": {m: strip_component_keys(s) for m, s in config.encoders.items()},
                 "connectors": {m: strip_component_keys(s) for m, s in config.connectors.items()},
                 "media_tokens": media_tokens,
-                "generation": {m: strip_component_keys(s) for m, s in (getattr(config, "generation", None) or {}).items()},
+                "generation": {
+                    m: strip_component_keys(s) for m, s in (getattr(config, "generation", None) or {}).items()
+                },
                 "generation_tokens": generation_tokens,
                 "modalities": list(config.modalities),
                 "max_file_bytes": max_file_bytes,
@@ -200,7 +202,9 @@ class UniMoEProcessor(ProcessorMixin):
             conversations = [conversations]
         rows, media, targets = [], {}, {}
         for chat in conversations:
-            ids, labels = self._encode_chat(list(chat), add_generation_prompt, media, targets if return_labels else None)
+            ids, labels = self._encode_chat(
+                list(chat), add_generation_prompt, media, targets if return_labels else None
+            )
             rows.append((ids, labels))
         return self._collate(rows, media, return_labels, targets)
 

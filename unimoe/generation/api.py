@@ -12,7 +12,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import torch
 
 from unimoe.errors import InputError
@@ -39,11 +38,9 @@ def _last_user_text(conversation: Sequence[dict]) -> str:
 def _require_head(model, modality: str) -> None:
     if modality not in model.model.generation_heads:
         makes = ", ".join(model.model.generation_heads) or "text only"
-        kind = {"image": "an image decoder", "audio": "an audio decoder", "series": "a forecasting head"}.get(
-            modality, f"a {modality} generation head"
-        )
-        raise GenerationError(f"this checkpoint has no {kind} (decoder_{modality}/), so it cannot generate {modality}; "
-                              f"it generates: {makes}")  # fmt: skip
+        kind = {"image": "image decoder (decoder_image/)", "audio": "audio decoder (decoder_audio/)",
+                "series": "forecasting head"}.get(modality, f"{modality} generation head")  # fmt: skip
+        raise GenerationError(f"this checkpoint has no {kind}, so it cannot generate {modality}; it generates: {makes}")
 
 
 @torch.no_grad()
@@ -125,7 +122,9 @@ def _generate_items(model, processor, inputs, new_tokens, requests, outputs, con
             modality = requested[b]
             extra += [processor.query_token_ids[modality]] * model.model.generation_heads[modality].config.num_queries
         rows.append(torch.cat([prompt_ids[b], torch.tensor(extra, dtype=torch.long, device=prompt_ids.device)]))
-        masks.append(torch.cat([prompt_mask[b], torch.ones(len(extra), dtype=prompt_mask.dtype, device=prompt_mask.device)]))
+        masks.append(
+            torch.cat([prompt_mask[b], torch.ones(len(extra), dtype=prompt_mask.dtype, device=prompt_mask.device)])
+        )
     length = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), length), pad, dtype=torch.long, device=prompt_ids.device)
     attention_mask = torch.zeros_like(input_ids)

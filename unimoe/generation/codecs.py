@@ -34,7 +34,9 @@ def tensor_to_image(x: torch.Tensor, config: ImageHeadConfig):
     from PIL import Image
 
     array = ((x.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
-    image = Image.fromarray(array[..., 0] if config.channels == 1 else array, mode="L" if config.channels == 1 else "RGB")
+    image = Image.fromarray(
+        array[..., 0] if config.channels == 1 else array, mode="L" if config.channels == 1 else "RGB"
+    )
     if config.output_size != config.size:
         image = image.resize((config.output_size, config.output_size), Image.Resampling.NEAREST)
     return image
@@ -104,7 +106,9 @@ def griffin_lim(codec: MelCodec, power: torch.Tensor) -> np.ndarray:
     return wave.numpy()
 
 
-def audio_target(source: Any, config: AudioHeadConfig, codec: MelCodec, *, max_bytes: int | None = None) -> torch.Tensor:
+def audio_target(
+    source: Any, config: AudioHeadConfig, codec: MelCodec, *, max_bytes: int | None = None
+) -> torch.Tensor:
     from unimoe.encoders.audio import AudioEncoderConfig, load_audio
 
     wave = load_audio(source, AudioEncoderConfig(sampling_rate=config.sample_rate), max_bytes=max_bytes)

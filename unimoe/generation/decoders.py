@@ -7,8 +7,9 @@ each registered decoder is a small adapter with ``build`` and ``predict``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn

@@ -98,7 +98,7 @@ class DiffusionHead(nn.Module):
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         cfg = self.config
-        steps = int(num_inference_steps or cfg.num_inference_steps)
+        steps = int(cfg.num_inference_steps if num_inference_steps is None else num_inference_steps)
         guidance = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
         if steps < 1 or guidance < 1.0:
             from unimoe.errors import ConfigError
@@ -135,7 +135,8 @@ class ForecastHead(nn.Module):
             nn.Linear(config.hidden_size, h * q),
         )  # fmt: skip
         self.skip = nn.Linear(context_length, h) if config.context_skip else None
-        self.register_buffer("levels", torch.tensor(config.quantiles), persistent=False)
+        # The quantile levels are built from the config on use, not held in a non-persistent buffer: such a buffer
+        # is never materialized by from_pretrained's meta-device construction (it would hold garbage).
 
     def forward(self, query_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """``query_states (n, N, H)``, normalized ``context (n, L)`` → ``(n, max_horizon, Q)``."""
@@ -147,7 +148,7 @@ class ForecastHead(nn.Module):
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Pinball loss averaged over quantiles and observed target steps. ``target`` / ``mask`` ``(n, H)``."""
-        levels = self.levels.to(prediction.dtype)
+        levels = torch.tensor(self.config.quantiles, dtype=prediction.dtype, device=prediction.device)
         error = target.unsqueeze(-1) - prediction  # (n, H, Q)
         pinball = torch.maximum(levels * error, (levels - 1) * error).mean(-1)  # (n, H)
         return (pinball * mask).sum() / mask.sum().clamp_min(1)

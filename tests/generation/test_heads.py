@@ -1,0 +1,150 @@
+"""Generation heads: initialization, checkpoints (the two diffusers-in-transformers pitfalls), losses, sampling."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from unimoe.generation.config import ForecastHeadConfig, ImageHeadConfig
+from unimoe.generation.heads import DiffusionHead, ForecastHead
+
+
+def test_post_init_keeps_the_decoders_own_initialization(tiny_model):
+    """transformers' post_init would re-draw every Linear with std 0.02; diffusers' default init (kaiming-uniform,
+    std ~ 1/sqrt(3 fan_in)) must survive. Compare each large weight's spread with a freshly built decoder's."""
+    head = tiny_model.model.generation_heads["image"]
+    fresh = dict(head.build_decoder().named_parameters())
+    checked = 0
+    for name, param in head.decoder.named_parameters():
+        if param.dim() == 2 and param.numel() >= 512:
+            expected = float(fresh[name].detach().std())
+            assert abs(float(param.detach().std()) - expected) < 0.25 * expected, name
+            checked += 1
+    assert checked >= 10
+
+
+def test_checkpoint_writes_decoders_as_diffusers_subfolders(gen_checkpoint):
+    for modality in ("image", "audio"):
+        folder = gen_checkpoint / f"decoder_{modality}"
+        assert json.loads((folder / "config.json").read_text())["_class_name"] == "PixArtTransformer2DModel"
+        assert (folder / "diffusion_pytorch_model.safetensors").is_file()
+    with safe_open(str(gen_checkpoint / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if ".decoder." in k]  # decoders live only in their subfolders
+    assert any(k.startswith("model.generation_heads.image.queries") for k in keys)
+    assert not list(gen_checkpoint.rglob("*.bin"))
+
+
+def test_reloaded_decoder_has_valid_buffers_and_weights(gen_checkpoint, gen_model):
+    from diffusers import PixArtTransformer2DModel
+
+    model, _ = gen_model
+    decoder = model.model.generation_heads["image"].decoder
+    reference = PixArtTransformer2DModel.from_pretrained(str(gen_checkpoint / "decoder_image"))
+    buffer = decoder.pos_embed.pos_embed  # non-persistent: NaN / garbage if built on the meta device and kept
+    assert torch.isfinite(buffer).all()
+    torch.testing.assert_close(buffer, reference.pos_embed.pos_embed)
+    for (name, a), (_, b) in zip(decoder.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+
+
+def test_saved_and_reloaded_model_generates_the_identical_image(tmp_path, gen_model):
+    from unimoe.hub import save_checkpoint
+    from unimoe.inference import load_pretrained
+
+    model, processor = gen_model
+    prompt = [{"role": "user", "content": "Draw the digit three."}]
+    before = model.generate_multimodal(processor, prompt, output_modality="image", seed=7, num_inference_steps=4)
+    save_checkpoint(model, tmp_path / "again", processor=processor)
+    reloaded, processor2 = load_pretrained(tmp_path / "again")
+    after = reloaded.generate_multimodal(processor2, prompt, output_modality="image", seed=7, num_inference_steps=4)
+    assert np.array_equal(np.asarray(before.images[0]), np.asarray(after.images[0]))
+    again = model.generate_multimodal(processor, prompt, output_modality="image", seed=8, num_inference_steps=4)
+    assert not np.array_equal(np.asarray(before.images[0]), np.asarray(again.images[0]))  # the seed matters
+
+
+def test_sampling_steps_and_guidance_are_configurable(gen_model):
+    model, _ = gen_model
+    head = model.model.generation_heads["image"]
+    states = torch.randn(2, head.config.num_queries, model.config.text_config.hidden_size)
+
+    def sample(**kwargs):
+        return head.sample(states, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    base = sample(num_inference_steps=3, guidance_scale=1.0)
+    assert base.shape == (2, 1, 16, 16) and base.abs().max() <= 1.0
+    assert not torch.equal(base, sample(num_inference_steps=6, guidance_scale=1.0))
+    assert not torch.equal(base, sample(num_inference_steps=3, guidance_scale=4.0))
+    torch.testing.assert_close(base, sample(num_inference_steps=3, guidance_scale=1.0))
+    from unimoe.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="steps must be >= 1"):
+        sample(num_inference_steps=0)
+
+
+def test_flow_matching_loss_trains_every_part():
+    torch.manual_seed(0)
+    head = DiffusionHead(ImageHeadConfig(noise_samples=2), hidden_size=32)
+    states = torch.randn(3, 8, 32, requires_grad=True)
+    loss = head.loss(states, torch.rand(3, 1, 16, 16) * 2 - 1)
+    loss.backward()
+    assert loss.item() > 0
+    assert states.grad.abs().sum() > 0  # the condition reaches the LLM's query states
+    for name in ("connector.1.weight", "decoder.proj_out.weight"):
+        assert dict(head.named_parameters())[name].grad.abs().sum() > 0, name
+
+
+def test_pinball_loss_against_hand_computed_values():
+    head = ForecastHead(
+        ForecastHeadConfig(quantiles=[0.1, 0.5, 0.9], max_horizon=2, default_horizon=2), hidden_size=4, context_length=8
+    )
+    prediction = torch.tensor([[[0.0, 1.0, 2.0], [0.0, 0.0, 0.0]]])  # (1, H=2, Q=3)
+    target = torch.tensor([[1.0, 5.0]])
+    # step 1: errors (1, 0, -1) -> 0.1*1, 0, 0.1*1 -> mean 0.2/3; step 2 masked out
+    loss = head.loss(prediction, target, torch.tensor([[1.0, 0.0]]))
+    assert loss.item() == pytest.approx(0.2 / 3)
+    # both steps: step 2 errors (5, 5, 5) -> 0.5, 2.5, 4.5 -> mean 2.5
+    loss = head.loss(prediction, target, torch.ones(1, 2))
+    assert loss.item() == pytest.approx((0.2 / 3 + 2.5) / 2)
+
+
+def test_forecast_context_finds_each_rows_own_series(gen_model):
+    """Two forecasting rows with different series (and an image row in between): each query run must be paired
+    with the last series of its own row."""
+    model, processor = gen_model
+    rows = []
+    for level in (10.0, 500.0):
+        series = (np.arange(40, dtype=np.float32) % 7) + level
+        rows.append([
+            {"role": "user", "content": [{"type": "series", "array": series[:, None]},
+                                         {"type": "text", "text": "Forecast the next 4 values."}]},
+            {"role": "assistant", "content": [{"type": "series", "values": [level] * 4}]},
+        ])  # fmt: skip
+    drawing = {"role": "assistant", "content": [{"type": "image", "array": np.zeros((8, 8), np.uint8)}]}
+    rows.insert(1, [{"role": "user", "content": "Draw a digit."}, drawing])
+    batch = processor(rows, return_labels=True)
+    assert batch["gen_series_values"].shape == (2, model.model.generation_heads["series"].config.max_horizon)
+    assert batch["gen_series_mask"].sum(1).tolist() == [4.0, 4.0]
+    assert batch["gen_image_values"].shape == (1, 1, 16, 16)
+    _, loc, scale, raw, observed = model.model.forecast_context(
+        batch["input_ids"], batch["series_values"], batch["series_mask"]
+    )
+    expected = [(np.arange(40) % 7).mean() + level for level in (10.0, 500.0)]
+    torch.testing.assert_close(loc, torch.tensor(expected, dtype=torch.float32))
+    assert observed.sum(1).tolist() == [40.0, 40.0]
+    out = model(**batch)
+    assert out.forecast_loss.item() > 0 and out.diffusion_loss.item() > 0 and torch.isfinite(out.loss)
+
+
+def test_generation_tokens_are_labelled_and_query_slots_are_not(gen_model):
+    model, processor = gen_model
+    record = [{"role": "user", "content": "Draw the digit one."},
+              {"role": "assistant", "content": [{"type": "image", "array": np.zeros((8, 8), np.uint8)}]}]  # fmt: skip
+    batch = processor([record], return_labels=True)
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    gen, query = processor.gen_token_ids["image"], processor.query_token_ids["image"]
+    assert (labels == gen).sum() == 1 and (ids == gen).sum() == 1
+    assert (ids == query).sum() == 8 and (labels[ids == query] == -100).all()
+    assert (batch["modality_ids"][0][ids == query] == model.config.modalities.index("image")).all()
