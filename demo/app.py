@@ -23,7 +23,7 @@ import gradio as gr
 from unimoe.errors import CheckpointError
 
 from .engine import NOTICE, ChatEngine, GenerationSettings, Reply
-from .media import forecast_figure, routing_summary, series_figure
+from .media import enlarged_for_display, forecast_figure, routing_summary, series_figure
 
 #: The default recipe's checkpoint (``make quickstart`` / ``unimoe run tiny --out runs/tiny`` writes it).
 DEFAULT_CHECKPOINT = Path("runs/tiny/final")
@@ -64,6 +64,7 @@ def build_app(
     def respond(
         message: dict[str, Any],
         history: list[dict[str, Any]],
+        reply_with: str,
         temperature: float,
         max_new_tokens: float,
         diffusion_steps: float,
@@ -78,6 +79,7 @@ def build_app(
             num_inference_steps=int(diffusion_steps) if diffusion_steps else None,
             guidance_scale=float(guidance_scale) if guidance_scale else None,
             seed=int(seed) if seed is not None and seed >= 0 else None,
+            output=None if reply_with in (None, "", "auto") else reply_with,
         )
         text = message.get("text") or ""
         for update in engine.stream(text, message.get("files") or [], history, turn):
@@ -109,12 +111,13 @@ def build_app(
         gr.Markdown(f"## {title}\n{_describe(model, engine, model_name)}")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
+                reply_with = _reply_with(engine, defaults)  # rendered here, above the chat; the rest in an accordion
                 gr.ChatInterface(
                     respond,
                     multimodal=True,
                     textbox=textbox,
                     chatbot=gr.Chatbot(label="Chat", height=520, render=False),
-                    additional_inputs=settings_inputs,
+                    additional_inputs=[reply_with, *settings_inputs],
                     additional_inputs_accordion=gr.Accordion("Generation settings", open=False, render=False),
                     additional_outputs=[heatmap, summary, points_view, series_view, details],
                     api_name="chat",
@@ -132,6 +135,23 @@ def build_app(
 
     app.unimoe_engine = engine  # for callers that want the output folder or the model behind an app
     return app
+
+
+#: What a reply can be asked to contain, beyond letting the model decide (values are generate_multimodal's names).
+REPLY_KINDS = [("the model decides", "auto"), ("an image", "image"), ("speech", "audio"), ("a forecast", "series")]
+_KIND_LABELS = {value: label for label, value in REPLY_KINDS}
+
+
+def _reply_with(engine: ChatEngine, defaults: GenerationSettings) -> gr.Radio:
+    """The "reply with" choice. Every kind is offered, and the info line says which ones this checkpoint has heads
+    for: asking a checkpoint for what it cannot make is answered with the library's one-line reason."""
+    makes = ", ".join(_KIND_LABELS.get(m, m) for m in engine.output_modalities) or "text only"
+    return gr.Radio(
+        REPLY_KINDS,
+        value=defaults.output or "auto",
+        label="Reply with",
+        info=f"This checkpoint can generate: {makes}. A forecast continues the series attached to the message.",
+    )
 
 
 def _settings_inputs(defaults: GenerationSettings) -> list[gr.components.Component]:
@@ -152,12 +172,13 @@ def _chat_message(reply: Reply) -> str | list:
     """A reply as chat content: text alone as a string; with generated media, the text followed by components."""
     if reply.error:
         return f"{NOTICE}{reply.error}"
-    text = reply.text or "*(the model returned no text)*"
-    media: list = [gr.Image(value=str(p), label="generated image", show_label=False) for p in reply.images]
+    media: list = [gr.Image(value=str(enlarged_for_display(p)), label="generated image") for p in reply.images]
     media += [gr.Audio(value=str(p), label="generated speech") for p in reply.audio]
     for f in reply.forecasts:
         media.append(gr.Plot(value=forecast_figure(f.context, f.point, f.quantiles), label="forecast"))
-    return [text, *media] if media else text
+    if not media:
+        return reply.text or "*(the model returned no text)*"
+    return [reply.text, *media] if reply.text else media
 
 
 def _panel_outputs(reply: Reply, num_experts: int) -> tuple:
@@ -184,8 +205,8 @@ def _describe(model, engine: ChatEngine, model_name: str | None) -> str:
         parts.append(f"{moe.num_experts} experts, {moe.routing} routing (k≤{moe.top_k})")
     reads = ", ".join(engine.input_modalities) or "text only"
     parts.append(f"reads text + {reads}")
-    writes = "text, and images / speech / forecasts when asked" if engine.multimodal_output else "text"
-    parts.append(f"writes {writes}")
+    makes = [_KIND_LABELS.get(m, m).removeprefix("an ").removeprefix("a ") for m in engine.output_modalities]
+    parts.append("writes text" + (f" + {', '.join(makes)}" if makes else ""))
     return " · ".join(p for p in parts if p) + (
         "\n\nThe **Routing** tab shows, for the last reply, the share of each modality's tokens that each expert took "
         "in every MoE layer."

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from unimoe.encoders import MediaError
-from unimoe.errors import UniMoEError
+from unimoe.errors import InputError, UniMoEError
 from unimoe.processing_unimoe import SUFFIX_MODALITY, guess_modality
 
 from .media import load_media, write_point_cloud_preview
@@ -39,13 +39,15 @@ NOTICE = "⚠️ "
 @dataclass
 class GenerationSettings:
     """What the settings panel controls. ``None`` diffusion steps / guidance mean the checkpoint's defaults;
-    ``seed=None`` samples from a fresh random state."""
+    ``seed=None`` samples from a fresh random state; ``output`` (``"image"``, ``"audio"``, ``"series"``) asks for
+    that kind of reply instead of letting the model decide from the prompt."""
 
     temperature: float = 0.0
     max_new_tokens: int = 64
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = 0
+    output: str | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,7 @@ class ChatEngine:
         moe = getattr(model.config, "moe_config", None)
         self.num_experts = int(getattr(moe, "num_experts", 0) or 0)
         self.multimodal_output = hasattr(model, "generate_multimodal")
+        self.output_modalities = list(getattr(model.config, "generation", None) or {}) if self.multimodal_output else []
         self._lock = threading.Lock()
         self._replies = itertools.count()
 
@@ -292,6 +295,8 @@ class ChatEngine:
         images, speech and forecasts the prompt asks for); others through plain text ``generate`` as in
         :func:`unimoe.inference.chat`. Returns the multimodal output, or ``None`` for text-only generation."""
         if self.multimodal_output:
+            # output_modality only when asked for: the default call is the documented generate_multimodal contract
+            forced = {"output_modality": settings.output} if settings.output else {}
             return self.model.generate_multimodal(
                 self.processor,
                 messages,
@@ -301,7 +306,10 @@ class ChatEngine:
                 num_inference_steps=settings.num_inference_steps,
                 guidance_scale=settings.guidance_scale,
                 streamer=streamer,
+                **forced,
             )
+        if settings.output:
+            raise InputError(f"this model generates text only, so it cannot reply with {settings.output}")
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         class Cancelled(StoppingCriteria):

@@ -27,6 +27,23 @@ def load_media(processor, modality: str, path: str | Path) -> np.ndarray:
     return cls.load(str(path), config, max_bytes=getattr(processor, "max_file_bytes", None))
 
 
+def enlarged_for_display(path: str | Path, *, min_side: int = 256) -> Path:
+    """A copy of a small image scaled up by a whole factor with nearest-neighbour pixels (``name_x8.png``).
+
+    The chat shows images at their natural size, so a 32x32 digit from a tiny decoder would be a speck; the original
+    file is kept for downloads and the API."""
+    from PIL import Image
+
+    path = Path(path)
+    with Image.open(path) as image:
+        factor = -(-min_side // max(1, min(image.size)))  # ceil
+        if factor <= 1:
+            return path
+        out = path.with_name(f"{path.stem}_x{factor}.png")
+        image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST).save(out)
+    return out
+
+
 def write_point_cloud_preview(points: np.ndarray, out: str | Path, *, seed: int = 0) -> Path:
     """``(N, C)`` points → a ``.ply`` point cloud (xyz, plus rgb when the file has it) for ``gr.Model3D``.
 

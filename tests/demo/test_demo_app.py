@@ -141,11 +141,37 @@ def _generation_heads_present() -> bool:
     return hasattr(UniMoEForConditionalGeneration, "generate_multimodal")
 
 
-@pytest.mark.skipif(not _generation_heads_present(), reason="needs Step 5 generation heads")
+needs_heads = pytest.mark.skipif(not _generation_heads_present(), reason="needs Step 5 generation heads")
+
+
+@needs_heads
 def test_image_generation_turn(client):
-    turn = ask(client, "Draw the digit 3.", max_new_tokens=8)
+    turn = ask(client, "Draw the digit 3.", reply_with="image", diffusion_steps=4)
     assert turn.details["error"] is None, turn.details["error"]
-    assert turn.details["images"], turn.details
-    image = Image.open(turn.details["images"][0])
-    assert image.size[0] > 0 and image.size[1] > 0
-    assert isinstance(turn.reply, list) and any("Image" in str(part) for part in turn.reply[1:])
+    assert len(turn.details["images"]) == 1
+    with Image.open(turn.details["images"][0]) as image:
+        assert image.format == "PNG" and min(image.size) > 0
+    assert isinstance(turn.reply, list) and "gradio.components.image.Image" in str(turn.reply[-1])
+    assert "text" in turn.details["routing"]  # the query slots' pass is routed too
+
+
+@needs_heads
+def test_speech_generation_turn(client):
+    import soundfile as sf
+
+    turn = ask(client, "Say the word seven.", reply_with="audio", diffusion_steps=4)
+    assert turn.details["error"] is None, turn.details["error"]
+    wave, rate = sf.read(turn.details["audio"][0])
+    assert rate > 0 and len(wave) > 0
+    assert "gradio.components.audio.Audio" in str(turn.reply[-1])
+
+
+@needs_heads
+def test_forecast_turn_and_a_forecast_without_a_series(client, media):
+    turn = ask(client, "Forecast the next 5 values.", [media / "series.csv"], reply_with="series")
+    assert turn.details["error"] is None, turn.details["error"]
+    forecast = turn.details["forecasts"][0]
+    assert len(forecast["point"]) == 5 and forecast["context_length"] > 0
+    assert "gradio.components.plot.Plot" in str(turn.reply[-1])
+    refused = ask(client, "Forecast the next 5 values.", reply_with="series")
+    assert refused.reply.startswith(NOTICE) and "series" in refused.reply and "\n" not in refused.reply

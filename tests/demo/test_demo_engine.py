@@ -14,9 +14,14 @@ from PIL import Image
 
 from unimoe.demo.app import _chat_message, _panel_outputs
 from unimoe.demo.engine import NOTICE, ChatEngine, GenerationSettings, history_messages, readable
-from unimoe.demo.media import forecast_figure, routing_summary, series_figure, write_point_cloud_preview
+from unimoe.demo.media import (
+    enlarged_for_display,
+    forecast_figure,
+    routing_summary,
+    series_figure,
+    write_point_cloud_preview,
+)
 from unimoe.encoders import MediaError
-from unimoe.errors import InputError
 
 
 def test_history_keeps_text_turns_in_every_shape_gradio_uses():
@@ -164,19 +169,28 @@ def test_generated_media_become_chat_components(tokenizer, tmp_path):
     assert details["images"] == [str(reply.images[0])] and details["forecasts"][0]["quantiles"]["0.9"][0] == 1.0
 
 
-def test_a_generation_the_checkpoint_cannot_serve_is_one_readable_line(tokenizer, tmp_path):
+def test_asking_a_checkpoint_without_an_image_decoder_is_one_readable_line(tokenizer, tmp_path):
     from unimoe import build_model
     from unimoe.processing_unimoe import UniMoEProcessor
 
-    model = build_model("tiny", seed=0).eval()
+    model = build_model("tiny", {"generation": None}, seed=0).eval()  # no generation heads
+    if not hasattr(model, "generate_multimodal"):
+        pytest.skip("needs Step 5 generation heads")
     processor = UniMoEProcessor.from_model_config(tokenizer, model.config)
-    problem = InputError("this checkpoint has no image decoder (decoder_image/), so it cannot generate image")
-    _multimodal_double(model, processor, fail=problem)
-    reply = list(ChatEngine(model, processor, output_dir=tmp_path).stream("Draw a cat", []))[-1]
-    assert reply.error == str(problem)
-    assert _chat_message(reply) == f"{NOTICE}{problem}"
+    engine = ChatEngine(model, processor, output_dir=tmp_path)
+    reply = list(engine.stream("Draw a cat", [], settings=GenerationSettings(output="image")))[-1]
+    assert reply.error and "image decoder" in reply.error and "\n" not in reply.error
+    assert _chat_message(reply) == f"{NOTICE}{reply.error}"
     heatmap, summary, *_ = _panel_outputs(reply, num_experts=4)
     assert heatmap is None and "not answered" in summary
+
+
+def test_a_text_only_model_refuses_a_forced_output(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    engine = ChatEngine(model, processor, output_dir=tmp_path)
+    engine.multimodal_output = False  # as for a model class without generate_multimodal
+    reply = list(engine.stream("Draw a cat", [], settings=GenerationSettings(output="image", max_new_tokens=2)))[-1]
+    assert reply.error == "this model generates text only, so it cannot reply with image"
 
 
 def test_an_unexpected_failure_is_reported_and_logged(tokenizer, tmp_path, caplog):
@@ -203,6 +217,10 @@ def test_previews_and_plots(tmp_path):
     assert len(series_figure(np.zeros((40, 2))).axes[0].lines) == 2
     fig = forecast_figure(np.zeros(20), np.ones(5), {"0.1": np.zeros(5), "0.9": np.full(5, 2.0)})
     assert len(fig.axes[0].collections) == 1  # the quantile band
+    Image.fromarray(np.zeros((32, 24), dtype=np.uint8)).save(tmp_path / "digit.png")
+    big = enlarged_for_display(tmp_path / "digit.png")
+    assert big.name == "digit_x11.png" and Image.open(big).size == (264, 352)  # the chat shows natural sizes
+    assert enlarged_for_display(big) == big
     table = routing_summary({"text": np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])}, num_experts=2)
     assert "| text | e1 (60%) | e0 (50%) |" in table
     assert "n0" in routing_summary({"image": np.array([[0.1, 0.2, 0.7]])}, num_experts=2)
