@@ -74,7 +74,7 @@ def test_sampling_steps_and_guidance_are_configurable(gen_model):
         return head.sample(states, generator=torch.Generator().manual_seed(0), **kwargs)
 
     base = sample(num_inference_steps=3, guidance_scale=1.0)
-    assert base.shape == (2, 1, 16, 16) and base.abs().max() <= 1.0
+    assert base.shape == (2, *head.config.sample_shape) and base.abs().max() <= 1.0
     assert not torch.equal(base, sample(num_inference_steps=6, guidance_scale=1.0))
     assert not torch.equal(base, sample(num_inference_steps=3, guidance_scale=4.0))
     torch.testing.assert_close(base, sample(num_inference_steps=3, guidance_scale=1.0))
@@ -127,7 +127,7 @@ def test_forecast_context_finds_each_rows_own_series(gen_model):
     batch = processor(rows, return_labels=True)
     assert batch["gen_series_values"].shape == (2, model.model.generation_heads["series"].config.max_horizon)
     assert batch["gen_series_mask"].sum(1).tolist() == [4.0, 4.0]
-    assert batch["gen_image_values"].shape == (1, 1, 16, 16)
+    assert batch["gen_image_values"].shape == (1, *model.model.generation_heads["image"].config.sample_shape)
     _, loc, scale, raw, observed = model.model.forecast_context(
         batch["input_ids"], batch["series_values"], batch["series_mask"]
     )
@@ -148,3 +148,15 @@ def test_generation_tokens_are_labelled_and_query_slots_are_not(gen_model):
     assert (labels == gen).sum() == 1 and (ids == gen).sum() == 1
     assert (ids == query).sum() == 8 and (labels[ids == query] == -100).all()
     assert (batch["modality_ids"][0][ids == query] == model.config.modalities.index("image")).all()
+
+
+def test_forecast_head_starts_as_the_naive_forecast(tiny_model):
+    """The context skip starts as "repeat the last value" (post_init must not re-draw it)."""
+    head = tiny_model.model.generation_heads["series"]
+    context = torch.randn(3, head.skip.in_features)
+    states = torch.zeros(3, head.config.num_queries, tiny_model.config.text_config.hidden_size)
+    with torch.no_grad():
+        head.mlp[-1].weight.zero_()
+        head.mlp[-1].bias.zero_()
+        out = head(states, context)  # (3, H, Q)
+    torch.testing.assert_close(out, context[:, -1:, None].expand_as(out))

@@ -134,7 +134,16 @@ class ForecastHead(nn.Module):
             nn.LayerNorm(n * hidden_size), nn.Linear(n * hidden_size, config.hidden_size), nn.GELU(),
             nn.Linear(config.hidden_size, h * q),
         )  # fmt: skip
-        self.skip = nn.Linear(context_length, h) if config.context_skip else None
+        self.skip = None
+        if config.context_skip:
+            # starts as the naive forecast (repeat the last observed value, in normalized units); the query path
+            # and the learned skip weights correct it. Flagged so transformers' post_init keeps this init.
+            self.skip = nn.Linear(context_length, h)
+            with torch.no_grad():
+                self.skip.weight.zero_()
+                self.skip.weight[:, -1] = 1.0
+                self.skip.bias.zero_()
+            mark_initialized(self.skip)
         # The quantile levels are built from the config on use, not held in a non-persistent buffer: such a buffer
         # is never materialized by from_pretrained's meta-device construction (it would hold garbage).
 
