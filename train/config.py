@@ -16,7 +16,7 @@ from unimoe.presets import apply_overrides
 #: The parts of a model whose ``requires_grad`` a stage sets (see :func:`unimoe.train.freeze.apply_trainable`).
 PARTS = (
     "embeddings", "lm_head", "attention", "norms", "dense_mlp", "routers", "experts", "experts_base",
-    "shared_experts", "encoders", "connectors", "generation",
+    "shared_experts", "encoders", "connectors", "generation", "generation_vae",
 )  # fmt: skip
 
 

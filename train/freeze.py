@@ -24,7 +24,8 @@ def part_of(name: str, lora_expert_modules: frozenset[str] = frozenset()) -> str
     if name.startswith("model.connectors."):
         return "connectors"
     if name.startswith("model.generation_heads."):
-        return "generation"  # query embeddings, condition connectors, decoders, forecasting head
+        # query embeddings, condition connectors, decoders, forecasting head; a latent-space head's VAE stays frozen
+        return "generation_vae" if ".vae." in name else "generation"
     if name.startswith("lm_head."):
         return "lm_head"
     if ".embed_tokens." in name:

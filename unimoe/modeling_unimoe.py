@@ -654,6 +654,8 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         out = super().save_pretrained(save_directory, *args, **kwargs)
         for modality, head in heads.items():
             head.decoder.save_pretrained(str(Path(save_directory) / f"decoder_{modality}"), safe_serialization=True)
+            if head.vae is not None:
+                head.vae.save_pretrained(str(Path(save_directory) / f"vae_{modality}"), safe_serialization=True)
         return out
 
     @classmethod
@@ -663,16 +665,19 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
         for modality, head in model.model.generation_heads.items():
-            if isinstance(head, DiffusionHead):
-                folder = f"decoder_{modality}"
+            if not isinstance(head, DiffusionHead):
+                continue
+            parts = [("decoder", head.load_decoder)] + ([("vae", head.load_vae)] if head.vae is not None else [])
+            for part, load in parts:
+                folder = f"{part}_{modality}"
                 local = Path(str(pretrained_model_name_or_path)) / folder
                 if local.is_dir():
-                    head.load_decoder(local)
+                    load(local)
                 else:
-                    head.load_decoder(str(pretrained_model_name_or_path), subfolder=folder, **hub)
+                    load(str(pretrained_model_name_or_path), subfolder=folder, **hub)
         return model
 
-    _keys_to_ignore_on_load_missing = [r"generation_heads\.\w+\.decoder\."]  # loaded from decoder_*/ folders
+    _keys_to_ignore_on_load_missing = [r"generation_heads\.\w+\.(decoder|vae)\."]  # from decoder_*/, vae_*/
 
     def _validate_model_kwargs(self, model_kwargs: dict[str, Any]) -> None:
         # media inputs reach forward through **kwargs, which generate's strict check does not see
@@ -694,7 +699,8 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
 
 
 def _is_decoder_key(key: str) -> bool:
-    return ".generation_heads." in key and ".decoder." in key
+    """Decoders and VAEs of the generation heads are saved as diffusers subfolders, not in model.safetensors."""
+    return ".generation_heads." in key and (".decoder." in key or ".vae." in key)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:

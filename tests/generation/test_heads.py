@@ -160,3 +160,35 @@ def test_forecast_head_starts_as_the_naive_forecast(tiny_model):
         head.mlp[-1].bias.zero_()
         out = head(states, context)  # (3, H, Q)
     torch.testing.assert_close(out, context[:, -1:, None].expand_as(out))
+
+
+TINY_VAE = {"config": {"in_channels": 1, "out_channels": 1, "latent_channels": 4, "block_out_channels": [8, 16],
+                       "down_block_types": ["DownEncoderBlock2D"] * 2, "up_block_types": ["UpDecoderBlock2D"] * 2,
+                       "layers_per_block": 1, "norm_num_groups": 4}}  # fmt: skip
+
+
+def test_latent_space_head_with_a_vae_round_trips(tmp_path, tokenizer):
+    from unimoe import build_model
+    from unimoe.hub import save_checkpoint
+    from unimoe.inference import load_pretrained
+    from unimoe.processing_unimoe import UniMoEProcessor
+    from unimoe.train.freeze import apply_trainable
+
+    model = build_model("tiny", {"generation": {"image": {"size": 16, "vae": TINY_VAE}}}, seed=0).eval()
+    head = model.model.generation_heads["image"]
+    assert head.latent_shape == (4, 8, 8) and head.decoder.config.in_channels == 4
+    loss = head.loss(torch.randn(2, 8, 64), torch.rand(2, 1, 16, 16) * 2 - 1)  # VAE-encoded targets
+    assert torch.isfinite(loss)
+    processor = UniMoEProcessor.from_model_config(tokenizer, model.config)
+    prompt = [{"role": "user", "content": "Draw the digit three."}]
+    before = model.generate_multimodal(processor, prompt, output_modality="image", seed=1, num_inference_steps=2)
+    assert before.images[0].size == (32, 32)
+    save_checkpoint(model, tmp_path / "ckpt", processor=processor)
+    assert (tmp_path / "ckpt" / "vae_image" / "diffusion_pytorch_model.safetensors").is_file()
+    with safe_open(str(tmp_path / "ckpt" / "model.safetensors"), "pt") as f:
+        assert not [k for k in f.keys() if ".vae." in k]  # noqa: SIM118 (safe_open has no __iter__)
+    reloaded, processor2 = load_pretrained(tmp_path / "ckpt")
+    after = reloaded.generate_multimodal(processor2, prompt, output_modality="image", seed=1, num_inference_steps=2)
+    assert np.array_equal(np.asarray(before.images[0]), np.asarray(after.images[0]))
+    counts = apply_trainable(reloaded, {"generation": True})
+    assert "generation_vae" not in counts and not any(p.requires_grad for p in head.vae.parameters())

@@ -66,12 +66,18 @@ class DiffusionHeadConfig:
 
 @dataclass
 class ImageHeadConfig(DiffusionHeadConfig):
-    """Pixel-space images of ``size`` × ``size`` (``channels`` 1 = greyscale, 3 = RGB) in [-1, 1]; saved images
-    are upscaled (nearest) to ``output_size``."""
+    """Images of ``size`` × ``size`` (``channels`` 1 = greyscale, 3 = RGB) in [-1, 1]; saved images are upscaled
+    (nearest) to ``output_size``.
+
+    Pixel space by default (tiny presets). With ``vae`` the decoder works in the latent space of a frozen diffusers
+    ``AutoencoderKL`` (real sizes): ``{"pretrained": <local dir or Hub id>, "subfolder": "vae"}`` loads one (e.g.
+    a Stable Diffusion VAE), ``{"config": {...}}`` builds one from AutoencoderKL arguments. It is saved with the
+    checkpoint as the diffusers subfolder ``vae_image/``."""
 
     size: int = 16
     channels: int = 1
     output_size: int = 32
+    vae: dict[str, Any] | None = None
 
     modality = "image"
 
@@ -80,6 +86,14 @@ class ImageHeadConfig(DiffusionHeadConfig):
         _positive(self, ("size", "output_size"), "generation.image")
         if self.channels not in (1, 3):
             raise ConfigError(f"generation.image.channels: 1 (greyscale) or 3 (RGB), got {self.channels}")
+        if self.vae is not None:
+            keys = set(self.vae) if isinstance(self.vae, dict) else set()
+            sources = keys & {"pretrained", "config"}
+            if not keys <= {"pretrained", "subfolder", "config"} or len(sources) != 1:
+                raise ConfigError(
+                    "generation.image.vae: expected {'pretrained': path, ['subfolder': name]} or {'config': {...}}, "
+                    f"got {self.vae!r}"
+                )
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:

@@ -40,22 +40,55 @@ class DiffusionHead(nn.Module):
         self.queries = nn.Parameter(torch.randn(n, hidden_size) * 0.02)  # (N, H)
         self.connector = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d), nn.GELU(), nn.Linear(d, d))
         self.null_condition = nn.Parameter(torch.zeros(n, d))  # (N, D)
+        self.vae = build_vae(config.vae) if getattr(config, "vae", None) else None
         self.decoder = self.build_decoder()
         mark_initialized(self.decoder)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """The decoder's sample shape: the pixels, or the VAE latents of ``size`` × ``size`` images."""
+        channels, height, width = self.config.sample_shape
+        if self.vae is None:
+            return channels, height, width
+        factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.vae.config.latent_channels, height // factor, width // factor
 
     def build_decoder(self) -> nn.Module:
         cfg = self.config
         kwargs = {k: v for k, v in cfg.decoder.items() if k != "class"}
-        channels, height, width = cfg.sample_shape
+        channels, height, width = self.latent_shape
         return DIFFUSION_DECODERS.get(cfg.decoder["class"]).build(kwargs, channels, (height, width), cfg.cond_dim)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Pixels in [-1, 1] → what the decoder denoises (identity in pixel space, scaled latent means with a VAE)."""
+        if self.vae is None:
+            return x
+        return self.vae.encode(x.to(self.vae.dtype)).latent_dist.mode() * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.vae is None:
+            return z
+        return self.vae.decode(z.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
 
     def load_decoder(self, path: str | Path, **hub_kwargs: Any) -> None:
         """Replace the decoder by the diffusers checkpoint at ``path`` (a local folder or a Hub id + subfolder)."""
         cls = decoder_class(self.config.decoder["class"])
+        self.decoder = self._place(cls.from_pretrained(str(path), use_safetensors=True, **hub_kwargs))
+
+    def load_vae(self, path: str | Path, **hub_kwargs: Any) -> None:
+        from diffusers import AutoencoderKL
+
+        self.vae = self._place(AutoencoderKL.from_pretrained(str(path), use_safetensors=True, **hub_kwargs))
+        self.vae.requires_grad_(False)
+
+    def _place(self, module: nn.Module) -> nn.Module:
         ref = self.queries
-        decoder = cls.from_pretrained(str(path), use_safetensors=True, **hub_kwargs).to(ref.device)
-        self.decoder = decoder if ref.dtype == torch.float32 else decoder.to(dtype=ref.dtype)
-        mark_initialized(self.decoder)
+        module = module.to(ref.device)
+        module = module if ref.dtype == torch.float32 else module.to(dtype=ref.dtype)
+        mark_initialized(module)
+        return module
 
     def predict(self, x: torch.Tensor, cond: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         return DIFFUSION_DECODERS.get(self.config.decoder["class"]).predict(self.decoder, x, cond, timesteps)
@@ -72,7 +105,7 @@ class DiffusionHead(nn.Module):
         cfg = self.config
         k = cfg.noise_samples
         cond = self.condition(query_states).repeat_interleave(k, dim=0)  # (n*k, N, D)
-        x0 = targets.to(cond.dtype).repeat_interleave(k, dim=0)  # (n*k, C, H', W')
+        x0 = self.encode(targets).to(cond.dtype).repeat_interleave(k, dim=0)  # (n*k, C, H', W')
         if cfg.cond_dropout > 0:
             drop = torch.rand(cond.shape[0], 1, 1, device=cond.device) < cfg.cond_dropout
             cond = torch.where(drop, self.null_condition.to(cond.dtype).expand_as(cond), cond)
@@ -110,7 +143,7 @@ class DiffusionHead(nn.Module):
             cond = torch.cat([cond, self.null_condition.to(cond.dtype).expand_as(cond)])
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
         scheduler.set_timesteps(steps, device=cond.device)  # required before every sampling loop
-        x = torch.randn((n, *cfg.sample_shape), generator=generator, device=cond.device, dtype=torch.float32)
+        x = torch.randn((n, *self.latent_shape), generator=generator, device=cond.device, dtype=torch.float32)
         x = x.to(cond.dtype)
         for t in scheduler.timesteps:
             inp = torch.cat([x, x]) if guidance > 1.0 else x
@@ -119,7 +152,7 @@ class DiffusionHead(nn.Module):
                 v_cond, v_uncond = velocity.chunk(2)
                 velocity = v_uncond + guidance * (v_cond - v_uncond)
             x = scheduler.step(velocity, t, x).prev_sample
-        return x.clamp(-1.0, 1.0)
+        return self.decode(x).clamp(-1.0, 1.0)
 
 
 class ForecastHead(nn.Module):
@@ -161,6 +194,23 @@ class ForecastHead(nn.Module):
         error = target.unsqueeze(-1) - prediction  # (n, H, Q)
         pinball = torch.maximum(levels * error, (levels - 1) * error).mean(-1)  # (n, H)
         return (pinball * mask).sum() / mask.sum().clamp_min(1)
+
+
+def build_vae(spec: dict[str, Any]) -> nn.Module:
+    """A frozen ``AutoencoderKL``: loaded from ``pretrained`` (or only shaped from its config when the model is being
+    built on the meta device by ``from_pretrained``, which then loads the checkpoint's ``vae_image/``), or built from
+    ``config``."""
+    from diffusers import AutoencoderKL
+
+    if "config" in spec:
+        vae = AutoencoderKL(**spec["config"])
+    elif torch.empty(0).device.type == "meta":
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(spec["pretrained"], subfolder=spec.get("subfolder")))
+    else:
+        vae = AutoencoderKL.from_pretrained(spec["pretrained"], subfolder=spec.get("subfolder"), use_safetensors=True)
+    vae.requires_grad_(False)
+    mark_initialized(vae)
+    return vae
 
 
 def build_head(modality: str, spec: dict[str, Any], *, hidden_size: int, context_length: int | None = None):
