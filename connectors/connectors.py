@@ -4,6 +4,12 @@
   (fewer LLM tokens for long token streams such as audio).
 * ``resampler`` — Perceiver / Q-Former style: ``num_queries`` learnable queries cross-attend to the encoder tokens
   (``num_layers`` blocks of cross-attention + MLP), so every item costs a fixed token budget.
+
+``norm`` (``mlp``) normalizes every output token (``layernorm`` / ``rmsnorm``) and multiplies it by a learnable gain
+that starts at ``norm_scale``. Why: an encoder trained from scratch has no fixed output scale — in the offline tiny
+recipe the image connector's tokens grew to ~200× the norm of the text embeddings they sit among, which starves the
+encoder of gradient (the decoder's RMSNorm divides it by that norm) and lets one modality's tokens dominate the
+residual stream. A normalized output keeps media tokens at the text embeddings' scale whatever the encoder does.
 """
 
 from __future__ import annotations
@@ -22,14 +28,42 @@ from unimoe.registry import Registry
 CONNECTORS: Registry[type[nn.Module]] = Registry("connector type")
 
 
+NORMS = ("none", "layernorm", "rmsnorm")
+
+
 @dataclass
 class MLPProjectorConfig:
     pool: int = 1
     hidden_mult: float = 1.0
+    norm: str = "none"  # none | layernorm | rmsnorm: normalize each output token (see the module docstring)
+    norm_scale: float = 1.0  # initial gain of the normalized output (the per-element RMS it starts at)
 
     def __post_init__(self) -> None:
         if self.pool < 1:
             raise ConfigError(f"connectors.*.pool: must be >= 1, got {self.pool}")
+        if self.norm not in NORMS:
+            raise ConfigError(f"connectors.*.norm: unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
+        if not self.norm_scale > 0:
+            raise ConfigError(f"connectors.*.norm_scale: must be > 0, got {self.norm_scale}")
+
+
+class OutputNorm(nn.Module):
+    """LayerNorm or RMSNorm without affine parameters, times a learnable per-channel ``gain`` that starts at
+    ``scale``. Not an ``nn.LayerNorm``: transformers' weight initialization resets every ``*LayerNorm`` /
+    ``*RMSNorm`` weight to 1, which would undo ``scale``."""
+
+    def __init__(self, dim: int, kind: str, scale: float, eps: float = 1e-6):
+        super().__init__()
+        self.kind = kind
+        self.eps = eps
+        self.gain = nn.Parameter(torch.full((dim,), float(scale)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layernorm":
+            x = F.layer_norm(x, x.shape[-1:], eps=self.eps)
+        else:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return x * self.gain
 
 
 @CONNECTORS.register("mlp")
@@ -43,6 +77,8 @@ class MLPProjector(nn.Module):
         self.linear_1 = nn.Linear(input_dim, hidden)
         self.act = nn.GELU()
         self.linear_2 = nn.Linear(hidden, output_dim)
+        # only built when asked for, so checkpoints of connectors without it keep their exact parameter set
+        self.norm = None if config.norm == "none" else OutputNorm(output_dim, config.norm, config.norm_scale)
 
     @staticmethod
     def num_tokens(config: MLPProjectorConfig, encoder_tokens: int) -> int:
@@ -53,7 +89,8 @@ class MLPProjector(nn.Module):
         if self.config.pool > 1:
             # average pool along the token axis; the last window may be shorter (ceil_mode)
             tokens = F.avg_pool1d(tokens.transpose(1, 2), self.config.pool, ceil_mode=True).transpose(1, 2)
-        return self.linear_2(self.act(self.linear_1(tokens)))
+        out = self.linear_2(self.act(self.linear_1(tokens)))
+        return out if self.norm is None else self.norm(out)
 
 
 @dataclass
@@ -125,7 +162,10 @@ def _split_spec(spec: dict[str, Any], modality: str) -> tuple[type[nn.Module], A
     spec = dict(spec)
     name = spec.pop("type", "mlp")
     cls = CONNECTORS.get(name, field=f"connectors.{modality}.type")
-    return cls, config_from_dict(cls.Config, spec, where=f"connectors.{modality}")
+    try:
+        return cls, config_from_dict(cls.Config, spec, where=f"connectors.{modality}")
+    except ConfigError as err:  # the configs name their fields "connectors.*.": say which connector it is
+        raise ConfigError(str(err).replace("connectors.*.", f"connectors.{modality}.")) from None
 
 
 def build_connector(modality: str, spec: dict[str, Any], *, input_dim: int, output_dim: int) -> nn.Module:

@@ -45,6 +45,8 @@ def test_defaults_are_valid_and_round_trip(tmp_path):
         ({"text_config": tiny_text(hidden_size=30)}, "text_config.hidden_size"),
         ({"text_config": tiny_text(num_key_value_heads=3)}, "text_config.num_key_value_heads"),
         ({"modalities": ["image", "text"]}, "modalities"),
+        ({"encoders": {"image": {"type": "vit", "init": "he"}}, "connectors": {"image": {}}}, "encoders.image.init"),
+        ({"encoders": {"image": {"type": "vit"}}, "connectors": {"image": {"norm": "bn"}}}, "connectors.image.norm"),
     ],
 )
 def test_impossible_configs_name_the_field(kwargs, field):

@@ -141,3 +141,25 @@ def test_lora_and_topp_and_null_variants_run(tokenizer):
     out.loss.backward()
     assert isinstance(model, UniMoEForConditionalGeneration)
     assert all(0 <= s.null_share.item() <= 1 for s in out.router_stats)
+
+
+def test_fan_in_encoder_init_keeps_audio_content(tmp_path):
+    """``init: fan_in`` gives LeCun-normal encoder weights that survive post_init (transformers' fixed std 0.02 made
+    Whisper's first convolution shrink its input under the position embeddings: every clip encoded alike), leaves
+    other encoders alone, and a saved model reloads its trained weights, not a fresh init."""
+    torch.manual_seed(0)
+    plain = build_model("tiny", seed=0)
+    model = build_model("tiny", seed=0, encoders={"audio": {"init": "fan_in"}})
+    conv = model.model.encoders["audio"].whisper.conv1
+    assert conv.weight.std().item() == pytest.approx(conv.weight[0].numel() ** -0.5, rel=0.05)
+    assert plain.model.encoders["audio"].whisper.conv1.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    torch.testing.assert_close(model.model.encoders["image"].vit.patch_embed.proj.weight,
+                               plain.model.encoders["image"].vit.patch_embed.proj.weight)  # fmt: skip
+    features = torch.randn(6, 80, 200)  # six different "clips"
+    with torch.no_grad():  # how much the encoded clips differ from one another
+        spread_plain = plain.model.encoders["audio"](features).std(0).mean().item()
+        spread_fan_in = model.model.encoders["audio"](features).std(0).mean().item()
+    assert spread_fan_in > 5 * spread_plain
+    model.save_pretrained(tmp_path)
+    loaded = UniMoEForConditionalGeneration.from_pretrained(tmp_path)
+    torch.testing.assert_close(loaded.model.encoders["audio"].whisper.conv1.weight, conv.weight)

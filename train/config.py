@@ -73,6 +73,9 @@ class StageConfig:
     lora: dict[str, Any] | None = None
     moe: dict[str, Any] = field(default_factory=dict)  # overrides of the MoE loss coefficients etc.
     collapse_threshold: float = 0.9  # warn when one expert takes more than this share of a layer's slots
+    # per-part learning-rate factors ({encoders: 5.0}): from-scratch encoders and connectors need a larger step than
+    # the decoder they feed, or the decoder learns to ignore their still-uninformative tokens (see the tiny recipe)
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in ("align", "specialize", "tune"):
@@ -87,6 +90,14 @@ class StageConfig:
                 raise ConfigError(f"stage {self.name}: {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"stage {self.name}: lr must be > 0")
+        unknown = sorted(set(self.lr_multipliers) - set(PARTS) - {"lora"})
+        if unknown:
+            raise ConfigError(
+                f"stage {self.name}: lr_multipliers has unknown part(s) {unknown}; parts: {', '.join(PARTS)}, lora"
+            )
+        for part, factor in self.lr_multipliers.items():
+            if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+                raise ConfigError(f"stage {self.name}: lr_multipliers.{part} must be a number > 0, got {factor!r}")
         _ = self.data_mix, self.lora_spec  # validate the nested sections now
 
     @property

@@ -48,15 +48,17 @@ def part_of(name: str, lora_expert_modules: frozenset[str] = frozenset()) -> str
     raise ConfigError(f"parameter {name} belongs to no known part")
 
 
+def _lora_expert_modules(model: torch.nn.Module) -> frozenset[str]:
+    from unimoe.moe import LoRAExperts
+
+    return frozenset(n.removeprefix(PEFT_PREFIX) for n, m in model.named_modules() if isinstance(m, LoRAExperts))
+
+
 def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[str, int]:
     """Set ``requires_grad`` per part. A part's value is a bool, or for ``encoders`` / ``connectors`` /
     ``generation`` a bool or a list of modalities. Parts not named are frozen. Returns trainable parameter counts
     per part."""
-    from unimoe.moe import LoRAExperts
-
-    lora_experts = frozenset(
-        n.removeprefix(PEFT_PREFIX) for n, m in model.named_modules() if isinstance(m, LoRAExperts)
-    )
+    lora_experts = _lora_expert_modules(model)
     counts: dict[str, int] = {}
     for name, param in model.named_parameters():
         part = part_of(name, lora_experts)
@@ -69,3 +71,21 @@ def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[s
     if not counts:
         raise ConfigError(f"trainable {trainable} leaves nothing to train")
     return counts
+
+
+def param_groups(model: torch.nn.Module, lr: float, multipliers: dict[str, float]) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups, one per distinct learning rate: ``lr`` times the part's
+    multiplier (1 for parts not named). The group order is fixed (base rate first, then by part name), so a resumed
+    run's optimizer state lines up with the groups it was saved from."""
+    lora_experts = _lora_expert_modules(model)
+    by_part: dict[str, list[torch.nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            by_part.setdefault(part_of(name, lora_experts), []).append(param)
+    base = [p for part, ps in by_part.items() if multipliers.get(part, 1.0) == 1.0 for p in ps]
+    groups = [{"params": base, "lr": lr, "part": "base"}] if base else []
+    for part in sorted(by_part):
+        factor = multipliers.get(part, 1.0)
+        if factor != 1.0:
+            groups.append({"params": by_part[part], "lr": lr * factor, "part": part})
+    return groups

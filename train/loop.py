@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from unimoe.errors import CheckpointError, ConfigError
 from unimoe.train.config import StageConfig
 from unimoe.train.data import Collator, ScheduleDataset, TrainData
-from unimoe.train.freeze import apply_trainable
+from unimoe.train.freeze import apply_trainable, param_groups
 
 STATE_FILE = "trainer_state.json"
 
@@ -201,8 +201,10 @@ def train_stage(
     if resume and (out_dir / "final" / "config.json").is_file():
         raise CheckpointError(f"stage {stage.name} in {out_dir} already finished; nothing to resume")
     ckpt = latest_checkpoint(ckpt_root) if resume else None
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    groups = param_groups(model, stage.lr, stage.lr_multipliers)
+    params = [p for group in groups for p in group["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
+    first_factor = groups[0]["lr"] / stage.lr  # the log reports the base rate, whichever group comes first
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, stage.warmup_steps, stage.steps, min_lr_rate=stage.min_lr_ratio
     )
@@ -281,7 +283,7 @@ def train_stage(
                     for name in ("diffusion_loss", "forecast_loss")
                     if getattr(outputs, name, None) is not None
                 },
-                "lr": scheduler.get_last_lr()[0],
+                "lr": scheduler.get_last_lr()[0] / first_factor,
                 "tokens_per_second": tokens / max(elapsed, 1e-9),
                 **routing_metrics(outputs.router_stats, modalities, num_experts),
             }

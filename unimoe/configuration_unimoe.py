@@ -96,6 +96,11 @@ class UniMoEConfig(PreTrainedConfig):
             if not isinstance(spec, dict):
                 raise ConfigError(f"encoders.{modality}: expected a mapping, got {type(spec).__name__}")
             encoder_class(strip_component_keys(spec), modality)
+            if spec.get("init", "default") not in ENCODER_INITS:
+                raise ConfigError(
+                    f"encoders.{modality}.init: unknown initialization {spec['init']!r}; choose one of "
+                    f"{', '.join(ENCODER_INITS)}"
+                )
             if modality not in self.connectors:
                 raise ConfigError(f"connectors.{modality}: missing; every encoder needs a connector")
             connector_tokens(modality, strip_component_keys(self.connectors[modality]), 1)
@@ -139,7 +144,13 @@ class UniMoEConfig(PreTrainedConfig):
         return [i for i in range(n) if self.moe_config.is_moe_layer(i, n)]
 
 
-COMPONENT_KEYS = ("trainable",)
+COMPONENT_KEYS = ("trainable", "init")
+
+#: ``init`` of an encoder spec: ``default`` — transformers' ``normal(0, initializer_range)`` for every linear and
+#: convolution weight; ``fan_in`` — ``normal(0, 1 / sqrt(fan_in))`` (LeCun) for those weights. An encoder trained from
+#: scratch needs ``fan_in``: with a fixed std of 0.02 a layer of fan-in 240 (Whisper's first convolution) shrinks its
+#: input ~5×, so the content of the input vanishes under the position embeddings and every clip encodes alike.
+ENCODER_INITS = ("default", "fan_in")
 
 
 def strip_component_keys(spec: dict) -> dict:

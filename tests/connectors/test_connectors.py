@@ -30,6 +30,32 @@ def test_mlp_pooling_counts_and_values():
     torch.testing.assert_close(y[0, :, 0], torch.tensor([3.0, 11.0, 17.0]))
 
 
+@pytest.mark.parametrize("norm", ["layernorm", "rmsnorm"])
+def test_mlp_output_norm_fixes_the_token_scale(norm):
+    """Whatever the scale of the encoder tokens, a normalized connector's tokens have per-element RMS
+    ``norm_scale`` at initialization (the text embeddings' scale), and the gain stays learnable."""
+    torch.manual_seed(0)
+    spec = {"type": "mlp", "norm": norm, "norm_scale": 0.05}
+    conn = build_connector("image", spec, input_dim=8, output_dim=32)
+    for scale in (1e-3, 1.0, 1e3):
+        y = conn(torch.randn(2, 5, 8) * scale)
+        rms = y.pow(2).mean(-1).sqrt()
+        torch.testing.assert_close(rms, torch.full_like(rms, 0.05), rtol=1e-3, atol=1e-5)
+    conn(torch.randn(2, 5, 8)).sum().backward()
+    assert conn.norm.gain.grad is not None
+    # without it the parameter set is unchanged (old checkpoints load as before)
+    plain = build_connector("image", {"type": "mlp"}, input_dim=8, output_dim=32)
+    assert {n for n, _ in plain.named_parameters()} == {n for n, _ in conn.named_parameters()} - {"norm.gain"}
+
+
+def test_connector_norm_gain_survives_model_initialization():
+    """transformers' post_init resets every *LayerNorm weight to 1; the connector's gain must keep ``norm_scale``."""
+    from unimoe import build_model
+
+    model = build_model("tiny", connectors={"image": {"type": "mlp", "norm": "layernorm", "norm_scale": 0.02}})
+    torch.testing.assert_close(model.model.connectors["image"].norm.gain, torch.full((64,), 0.02))
+
+
 def test_resampler_is_a_fixed_budget_and_respects_the_mask():
     torch.manual_seed(0)
     conn = build_connector("video", {"type": "resampler", "num_queries": 5, "num_heads": 4}, input_dim=8, output_dim=16)
@@ -47,3 +73,7 @@ def test_connector_config_errors():
         build_connector("image", {"type": "resampler", "num_heads": 3}, input_dim=2, output_dim=16)
     with pytest.raises(ConfigError, match="pool"):
         build_connector("image", {"type": "mlp", "pool": 0}, input_dim=2, output_dim=2)
+    with pytest.raises(ConfigError, match="connectors.image.norm"):
+        build_connector("image", {"type": "mlp", "norm": "batchnorm"}, input_dim=2, output_dim=2)
+    with pytest.raises(ConfigError, match="norm_scale"):
+        build_connector("image", {"type": "mlp", "norm": "rmsnorm", "norm_scale": 0}, input_dim=2, output_dim=2)

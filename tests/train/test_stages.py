@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from unimoe.errors import CheckpointError, ConfigError
 from unimoe.train import list_recipes, list_stage_presets, load_recipe, load_stage, train_stage
-from unimoe.train.freeze import apply_trainable, part_of
+from unimoe.train.freeze import apply_trainable, param_groups, part_of
 from unimoe.train.loop import STATE_FILE, latest_checkpoint, routing_metrics
 
 TASKS = ["text_qa", "digits_cls"]
@@ -36,6 +36,10 @@ def test_bad_stage_configs_name_the_field():
         load_stage("align", {"steps": 0})
     with pytest.raises(ConfigError, match="unknown stage"):
         load_stage("nope")
+    with pytest.raises(ConfigError, match="lr_multipliers has unknown part"):
+        load_stage("align", {"lr_multipliers": {"wings": 2.0}})
+    with pytest.raises(ConfigError, match="lr_multipliers.encoders must be a number > 0"):
+        load_stage("align", {"lr_multipliers": {"encoders": 0}})
 
 
 @pytest.mark.parametrize("stage", ["align", "specialize", "tune"])
@@ -105,6 +109,32 @@ def test_trainable_parts(init_ckpt):
         assert p.requires_grad == (part_of(name) == "routers" or name.startswith("model.encoders.image."))
     with pytest.raises(ConfigError, match="nothing to train"):
         apply_trainable(model, {})
+
+
+def test_lr_multipliers_make_one_group_per_rate(init_ckpt):
+    from unimoe.hub import load_model
+
+    model = load_model(init_ckpt)
+    apply_trainable(model, {"attention": True, "encoders": True, "connectors": True})
+    groups = param_groups(model, 1e-3, {"encoders": 5.0, "connectors": 2.0, "routers": 9.0})  # routers: frozen
+    assert [(g["part"], g["lr"]) for g in groups] == [("base", 1e-3), ("connectors", 2e-3), ("encoders", 5e-3)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in groups:
+        for p in group["params"]:
+            part = part_of(names[id(p)])
+            assert p.requires_grad and part == (group["part"] if group["part"] != "base" else "attention")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups for p in g["params"]) == trainable
+    # without multipliers: one group at the base rate, as before
+    assert [(g["part"], g["lr"]) for g in param_groups(model, 1e-3, {})] == [("base", 1e-3)]
+
+
+def test_stage_trains_with_lr_multipliers_and_logs_the_base_rate(init_ckpt, train_data, tmp_path):
+    cfg = small("align", forced_expert=0, trainable={"attention": True, "encoders": True},
+                lr_multipliers={"encoders": 4.0}, warmup_steps=0, min_lr_ratio=1.0)  # fmt: skip
+    train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["lr"] == pytest.approx(cfg.lr)
 
 
 def test_router_collapse_is_flagged():
