@@ -75,6 +75,8 @@ def run_recipe(
     for i, stage in enumerate(recipe.stage_configs(), 1):
         if not stage.data_mix.tasks:
             stage.data = {**stage.data, "tasks": tasks}
+        if recipe.data.get("weights") and not stage.data_mix.weights:  # recipe-wide sampling weights
+            stage.data = {**stage.data, "weights": dict(recipe.data["weights"])}
         stage_dir = out / f"{i}-{stage.name}"
         if (stage_dir / "final" / "config.json").is_file():
             result = json.loads((stage_dir / "result.json").read_text())
