@@ -139,8 +139,10 @@ class AudioHeadConfig(DiffusionHeadConfig):
 class ForecastHeadConfig:
     """Forecasts of up to ``max_horizon`` steps of a prompt's last time series (its first channel), as the
     ``quantiles`` of the predictive distribution (the point forecast is the median), trained with the pinball loss
-    in the context's instance-normalized units. ``context_skip`` adds a linear map of the normalized context to the
-    query-token path (the linear-forecaster residual of DLinear-style models): the LLM's query states refine it."""
+    in the context's instance-normalized units. ``context_skip`` adds a linear map of the last ``skip_window``
+    normalized context values to the query-token path (the linear-forecaster residual of DLinear-style models): the
+    LLM's query states refine it. The window is short so that it is fully observed for short series (a longer one
+    would read the context's zero padding)."""
 
     num_queries: int = 4
     max_horizon: int = 24
@@ -148,13 +150,14 @@ class ForecastHeadConfig:
     quantiles: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     hidden_size: int = 128
     context_skip: bool = True
+    skip_window: int = 16
     loss_coef: float = 1.0
 
     modality = "series"
 
     def __post_init__(self) -> None:
         where = "generation.series"
-        _positive(self, ("num_queries", "max_horizon", "default_horizon", "hidden_size"), where)
+        _positive(self, ("num_queries", "max_horizon", "default_horizon", "hidden_size", "skip_window"), where)
         if self.default_horizon > self.max_horizon:
             raise ConfigError(f"{where}.default_horizon: {self.default_horizon} exceeds max_horizon={self.max_horizon}")
         qs = [float(q) for q in self.quantiles]

@@ -176,7 +176,7 @@ class ForecastHead(nn.Module):
         if config.context_skip:
             # starts as the naive forecast (repeat the last observed value, in normalized units); the query path
             # and the learned skip weights correct it. Flagged so transformers' post_init keeps this init.
-            self.skip = nn.Linear(context_length, h)
+            self.skip = nn.Linear(min(config.skip_window, context_length), h)
             with torch.no_grad():
                 self.skip.weight.zero_()
                 self.skip.weight[:, -1] = 1.0
@@ -190,7 +190,7 @@ class ForecastHead(nn.Module):
         cfg = self.config
         out = self.mlp(query_states.flatten(1)).view(-1, cfg.max_horizon, len(cfg.quantiles))
         if self.skip is not None:
-            out = out + self.skip(context).unsqueeze(-1)
+            out = out + self.skip(context[:, -self.skip.in_features :]).unsqueeze(-1)
         return out
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
