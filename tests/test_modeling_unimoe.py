@@ -148,8 +148,9 @@ def test_fan_in_encoder_init_keeps_audio_content(tmp_path):
     Whisper's first convolution shrink its input under the position embeddings: every clip encoded alike), leaves
     other encoders alone, and a saved model reloads its trained weights, not a fresh init."""
     torch.manual_seed(0)
-    plain = build_model("tiny", seed=0)
-    model = build_model("tiny", seed=0, encoders={"audio": {"init": "fan_in"}})
+    defaults = {m: {"init": "default"} for m in ("image", "audio", "video", "points", "series")}
+    plain = build_model("tiny", seed=0, encoders=defaults)  # the tiny preset itself uses fan_in everywhere
+    model = build_model("tiny", seed=0, encoders={**defaults, "audio": {"init": "fan_in"}})
     conv = model.model.encoders["audio"].whisper.conv1
     assert conv.weight.std().item() == pytest.approx(conv.weight[0].numel() ** -0.5, rel=0.05)
     assert plain.model.encoders["audio"].whisper.conv1.weight.std().item() == pytest.approx(0.02, rel=0.05)
