@@ -138,18 +138,8 @@ def chat(
     seed: int | None = None,
 ) -> str:
     """Answer one user turn with text and media files (modality from the suffix unless given)."""
-    from unimoe.processing_unimoe import guess_modality
-
-    modalities = list(modalities or [None] * len(files))
-    if len(modalities) not in (1, len(files)):
-        raise ConfigError("--modality: give one for all files or one per file")
-    if len(modalities) == 1 and len(files) > 1:
-        modalities = modalities * len(files)
-    content = []
-    for path, modality in zip(files, modalities):
-        content.append({"type": modality or guess_modality(path), "path": str(path)})
-    content.append({"type": "text", "text": prompt})
-    inputs = processor([{"role": "user", "content": content}], add_generation_prompt=True, return_labels=False)
+    message = user_message(prompt, files, modalities)
+    inputs = processor([message], add_generation_prompt=True, return_labels=False)
     inputs = inputs.to(model.device)
     if seed is not None:
         torch.manual_seed(seed)

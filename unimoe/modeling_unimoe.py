@@ -543,9 +543,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         Generation targets (from the processor, one per query run in row-major order): ``gen_image_values
         (n, C, S', S')`` and ``gen_audio_values (n, 1, M, T)`` in [-1, 1]; ``gen_series_values (n, H_max)`` with
         ``gen_series_mask (n, H_max)``."""
-        targets = {k: kwargs.pop(k) for k in GENERATION_TARGET_KEYS if kwargs.get(k) is not None}
-        for k in GENERATION_TARGET_KEYS:
-            kwargs.pop(k, None)
+        targets = {k: v for k in GENERATION_TARGET_KEYS if (v := kwargs.pop(k, None)) is not None}
         series = (kwargs.get("series_values"), kwargs.get("series_mask"))
         outputs = self.model(
             input_ids=input_ids,
@@ -634,13 +632,16 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         return diffusion, forecast, weighted
 
     def forecast_prediction(
-        self, input_ids: torch.Tensor, hidden: torch.Tensor, series_values, series_mask
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, series_values, series_mask, *, context=None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Normalized quantile forecasts ``(n, H_max, Q)`` with the context's ``loc (n,)`` and ``scale (n,)``."""
+        """Normalized quantile forecasts ``(n, H_max, Q)`` with the context's ``loc (n,)`` and ``scale (n,)``.
+        ``context`` is :meth:`UniMoEModel.forecast_context`'s result when the caller already has it."""
         head = self.model.generation_heads["series"]
         states = self.model.query_states(input_ids, hidden, "series")
-        context, loc, scale, _, _ = self.model.forecast_context(input_ids, series_values, series_mask)
-        return head(states, context.to(states.dtype)), loc, scale
+        if context is None:
+            context = self.model.forecast_context(input_ids, series_values, series_mask)
+        normalized, loc, scale = context[:3]
+        return head(states, normalized.to(states.dtype)), loc, scale
 
     def generate_multimodal(self, processor, messages, **kwargs: Any):
         """Answer conversations with text and any images, speech and forecasts the model decides to produce.

@@ -141,12 +141,10 @@ def _generate_items(model, processor, inputs, new_tokens, requests, outputs, con
             continue
         head = heads[modality]
         if modality == "series":
-            prediction, loc, scale = model.forecast_prediction(
-                input_ids, hidden, media.get("series_values"), media.get("series_mask")
-            )
-            _, _, _, raw, observed = model.model.forecast_context(
-                input_ids, media.get("series_values"), media.get("series_mask")
-            )
+            series = (media.get("series_values"), media.get("series_mask"))
+            context = model.model.forecast_context(input_ids, *series)
+            prediction, loc, scale = model.forecast_prediction(input_ids, hidden, *series, context=context)
+            raw, observed = context[3], context[4]
             values = prediction.float() * scale[:, None, None].float() + loc[:, None, None].float()  # (n, H_max, Q)
             for i, b in enumerate(batch_rows):
                 h = horizon or _horizon_from_text(_last_user_text(conversations[b]), head.config)
@@ -157,11 +155,11 @@ def _generate_items(model, processor, inputs, new_tokens, requests, outputs, con
             continue
         states = model.model.query_states(input_ids, hidden, modality)
         samples = head.sample(states, num_inference_steps=steps, guidance_scale=guidance, generator=generator)
+        codec = MelCodec(head.config) if modality == "audio" else None
         for i, b in enumerate(batch_rows):
-            if modality == "image":
+            if codec is None:
                 outputs[b].images.append(tensor_to_image(samples[i], head.config))
             else:
-                codec = MelCodec(head.config)
                 outputs[b].audio.append(GeneratedAudio(codec.decode(samples[i].cpu()), head.config.sample_rate))
 
 

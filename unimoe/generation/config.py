@@ -21,7 +21,7 @@ def _tiny_decoder() -> dict[str, Any]:
 
 @dataclass
 class DiffusionHeadConfig:
-    """What every diffusion head shares.
+    """What every diffusion head shares (the subclasses add the representation and its ``sample_shape``).
 
     ``decoder`` is ``{"class": <DIFFUSION_DECODERS name>, **architecture kwargs}``; the head fills in the channels,
     sample size and conditioning width. Training is flow matching (rectified flow, as in SD3): ``x_t = (1 - s) x_0
@@ -58,10 +58,6 @@ class DiffusionHeadConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @property
-    def sample_shape(self) -> tuple[int, int, int]:
-        raise NotImplementedError
 
 
 @dataclass
