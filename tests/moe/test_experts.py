@@ -77,16 +77,75 @@ def lora_expert_weights(experts, e):
     return w_gate_up, w_down
 
 
+@pytest.mark.parametrize("sum_to_one", [False, True], ids=["any-weights", "weights-sum-to-one"])
 @pytest.mark.parametrize("dispatch", BACKENDS)
-def test_lora_zero_b_equals_frozen_ffn_exactly(dispatch):
+def test_lora_zero_b_equals_frozen_ffn(dispatch, sum_to_one):
     torch.manual_seed(0)
     experts = LoRAExperts(num_experts=4, hidden_size=12, intermediate_size=20, lora_rank=3, dispatch=dispatch)
     x = torch.randn(10, 12)
     index, weight = random_routing(10, 4, 2)
-    weight = weight * 0.7  # whatever the weights
-    out = experts(x, make_plan(index, weight, torch.ones_like(index, dtype=torch.bool), 4))
+    if not sum_to_one:
+        weight = weight * torch.linspace(0.1, 1.0, 10).unsqueeze(-1)  # whatever the weights
+    computed = torch.ones_like(index, dtype=torch.bool)
+    out = experts(x, make_plan(index, weight, computed, 4, weights_sum_to_one=sum_to_one))
     ref = swiglu(x, experts.gate_up_proj, experts.down_proj)
-    assert torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_lora_weights_sum_to_one_skips_only_a_zero_term(monkeypatch):
+    """With renormalized routing the block promises weights that sum to one, and LoRA experts drop the frozen FFN's
+    ``(1 - sum w)`` term. Output and every gradient (the router's included: a per-token constant added to the
+    weights' gradient vanishes through the normalization) match the general formula."""
+    import unimoe.moe.layer as layer
+
+    results = []
+    for promise in (True, False):
+        if not promise:  # the same block, but its plans never make the promise
+            original = layer.make_plan
+
+            def never_promise(*args, original=original, **kwargs):
+                return original(*args, **{**kwargs, "weights_sum_to_one": False})
+
+            monkeypatch.setattr(layer, "make_plan", never_promise)
+        results.append(run_block("lora", "loop"))
+    (out_a, x_grad_a, grads_a), (out_b, x_grad_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x_grad_a, x_grad_b, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grad, grads_b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_fused_lora_slots_backward_matches_autograd():
+    """The hand-written backward of the per-slot LoRA SwiGLU against autograd on the same formula (float64)."""
+    from unimoe.moe.experts import _LoRASwiGLUSlots
+
+    g = torch.Generator().manual_seed(0)
+    n, i, r, s = 6, 10, 3, 0.7
+
+    def make(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+
+    inputs = (make(n, i), make(n, i), make(n, 2 * r), make(i, r), make(i, r), make(r, i), make(n, 1))
+    assert torch.autograd.gradcheck(lambda *t: _LoRASwiGLUSlots.apply(*t, s), inputs)
+
+    def reference(gate, up, a, b_g, b_u, a_d, w):
+        h = F.silu(gate + a[:, :r] @ b_g.T) * (up + a[:, r:] @ b_u.T)
+        return h * w, F.linear(h, a_d) * (w * s)
+
+    outs = _LoRASwiGLUSlots.apply(*inputs, s)
+    refs = reference(*inputs)
+    for o, ref in zip(outs, refs):
+        torch.testing.assert_close(o, ref)
+
+
+@pytest.mark.parametrize("rows", [3, 200])  # the transposed product for few rows, F.linear otherwise
+def test_few_rows_linear_equals_linear(rows):
+    from unimoe.moe.experts import few_rows_linear
+
+    x, w = torch.randn(rows, 32), torch.randn(96, 32)
+    out = few_rows_linear(x, w)
+    torch.testing.assert_close(out, F.linear(x, w))
+    assert few_rows_linear(x, w, contiguous=True).is_contiguous()
 
 
 @pytest.mark.parametrize("dispatch", BACKENDS)

@@ -28,6 +28,9 @@ class DispatchPlan:
     counts: list[int]  # (E,) slots per real expert, as host ints
     offsets: torch.Tensor  # (E,) int32 cumulative counts (grouped_mm's `offs`)
     num_tokens: int
+    # every (unpadded) token's routing weights over its computed slots sum to one: renormalized top-k / top-p with
+    # no null experts and no dropping. Experts may then drop terms weighted by ``1 - sum_e w_e`` (LoRA experts do).
+    weights_sum_to_one: bool = False
 
     @property
     def num_slots(self) -> int:
@@ -43,9 +46,17 @@ class DispatchPlan:
 
 
 def make_plan(
-    expert_index: torch.Tensor, weight: torch.Tensor, computed: torch.Tensor, num_experts: int
+    expert_index: torch.Tensor,
+    weight: torch.Tensor,
+    computed: torch.Tensor,
+    num_experts: int,
+    *,
+    weights_sum_to_one: bool = False,
 ) -> DispatchPlan:
-    """Build the plan from ``(T, k)`` routing tensors. One host sync (the chunk sizes)."""
+    """Build the plan from ``(T, k)`` routing tensors. One host sync (the chunk sizes).
+
+    ``weights_sum_to_one`` is a promise from the caller about how ``weight`` was made (see :class:`DispatchPlan`);
+    it is not checked here, which would cost a reduction and a host sync per layer."""
     num_tokens, k = expert_index.shape
     flat = torch.where(computed, expert_index, num_experts).reshape(-1)  # (T*k,), sentinel = num_experts
     order = torch.sort(flat, stable=True).indices  # stable: token order inside an expert (capacity relies on it)
@@ -58,6 +69,7 @@ def make_plan(
         counts=counts,
         offsets=counts_t.cumsum(0).to(torch.int32),
         num_tokens=num_tokens,
+        weights_sum_to_one=weights_sum_to_one,
     )
 
 

@@ -42,6 +42,24 @@ class SwiGLU(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
+FEW_ROWS = 64
+
+
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, contiguous: bool = False) -> torch.Tensor:
+    """``F.linear(x, weight)`` (``x (n, in)``, ``weight (out, in)``), computed as ``(weight @ x.T).T`` when ``x`` has
+    fewer rows than ``FEW_ROWS`` and than ``weight``.
+
+    Why: for a chunk of a few routed tokens (decoding, many experts) the BLAS on CPU splits a GEMM's work along its
+    first operand's rows; with ``x`` first there are too few rows to keep both cores busy, with the weight first
+    there are ``out`` of them (measured in ``bench/moe_layer.py``: 1.3-1.7x faster below ~256 rows, equal above).
+    The result is a transposed view unless ``contiguous``."""
+    n = x.shape[0]
+    if n >= FEW_ROWS or n >= weight.shape[0] or x.is_cuda:
+        return F.linear(x, weight)
+    out = torch.mm(weight, x.t()).t()  # (n, out), strides (1, n)
+    return out.contiguous() if contiguous else out
+
+
 @EXPERTS.register("ffn")
 class SwiGLUExperts(nn.Module):
     def __init__(
@@ -84,13 +102,13 @@ class SwiGLUExperts(nn.Module):
             if x_e.shape[0] == 0:
                 outputs.append(x_e)
                 continue
-            gate, up = F.linear(x_e, gate_up).chunk(2, dim=-1)  # (n_e, I) each
+            gate, up = few_rows_linear(x_e, gate_up).chunk(2, dim=-1)  # (n_e, I) each
             # routing weight on the (n_e, I) hidden when it is narrower than the output (same product: linear down)
             h = self.act_fn(gate) * up
             if h.shape[-1] <= x_e.shape[-1]:
-                outputs.append(F.linear(h * w_e.to(h.dtype), down))
+                outputs.append(few_rows_linear(h * w_e.to(h.dtype), down, contiguous=True))
             else:
-                outputs.append(F.linear(h, down) * w_e.to(h.dtype))
+                outputs.append(few_rows_linear(h, down, contiguous=True) * w_e.to(h.dtype))
         return scatter_chunks(outputs, plan)
 
 
@@ -103,14 +121,16 @@ class LoRAExperts(nn.Module):
 
         y = FFN(x) + sum_e w_e * (FFN_e(x) - FFN(x))
 
-    so a zero ``B`` gives exactly the frozen FFN whatever the weights (which is what upcycling needs). Computed
-    without running ``E`` full FFNs: the frozen gate/up projections run once for all tokens; each routed slot only
-    adds its low-rank terms to the pre-activations; because the down projection is linear, the weighted per-slot
-    intermediate deltas are summed per token *before* one frozen down projection over all tokens::
+    so a zero ``B`` gives the frozen FFN whatever the weights (which is what upcycling needs). Computed without
+    running ``E`` full FFNs: the frozen gate/up projections run once for all tokens; each routed slot only adds its
+    low-rank terms to the pre-activations; because the down projection is linear, the weighted per-slot
+    intermediates are summed per token *before* one frozen down projection over all tokens::
 
-        h   = act(g) * u,                 g, u = x W_g^T, x W_u^T             (once, all tokens)
-        h_e = act(g + s B_g A_g x) * (u + s B_u A_u x)                        (per slot, low rank)
-        y   = W_d (h + sum_e w_e (h_e - h)) + sum_e w_e s B_d A_d h_e
+        g, u = x W_g^T, x W_u^T                                                (once, all tokens)
+        h_e  = act(g + s B_g A_g x) * (u + s B_u A_u x)                        (per slot, low rank)
+        y    = W_d ((1 - sum_e w_e) act(g) * u + sum_e w_e h_e) + sum_e w_e s B_d A_d h_e
+
+    The first term vanishes when the weights sum to one (renormalized routing), and is then not computed.
     """
 
     def __init__(
@@ -130,6 +150,7 @@ class LoRAExperts(nn.Module):
         self.rank = lora_rank
         self.scaling = lora_alpha / lora_rank
         self.dispatch = dispatch
+        self.hidden_act = hidden_act
         self.act_fn = ACT2FN[hidden_act]
         e, h, i, r = num_experts, hidden_size, intermediate_size, lora_rank
         # the frozen dense FFN, fused gate|up like the ffn experts
@@ -160,38 +181,47 @@ class LoRAExperts(nn.Module):
         return self.gate_up_proj.numel() + self.down_proj.numel()
 
     def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        grouped = use_grouped_mm(self.dispatch, x)
-        r, s = self.rank, self.scaling
-        gate, up = F.linear(x, self.gate_up_proj).chunk(2, dim=-1)  # (T, I) each, frozen, once
-        hidden = self.act_fn(gate) * up  # (T, I)
-        if not grouped:
-            return self._forward_loop(x, gate, up, hidden, plan)
+        # frozen gate / up for all tokens, once: two products on the weight's halves rather than one fused product
+        # split in two (the split's backward would concatenate a (T, 2I) gradient)
+        w_gate, w_up = self.gate_up_proj.chunk(2, dim=0)
+        gate, up = F.linear(x, w_gate), F.linear(x, w_up)  # (T, I) each
+        # the frozen FFN's own intermediate, weighted by what the routed slots leave over (1 - sum_e w_e); zero
+        # and skipped when every token's weights sum to one (renormalized routing without null experts or drops)
+        base = None
+        if not plan.weights_sum_to_one:
+            w_slots = plan.weight.to(x.dtype)
+            keep = 1.0 - w_slots.new_zeros(plan.num_tokens).index_add(0, plan.token_index, w_slots)  # (T,)
+            base = self.act_fn(gate) * up * keep.unsqueeze(-1)  # (T, I)
+        if use_grouped_mm(self.dispatch, x):
+            mixed, down_delta = self._forward_grouped(x, gate, up, base, plan)
+        else:
+            mixed, down_delta = self._forward_loop(x, gate, up, base, plan)
+        return F.linear(mixed, self.down_proj) + down_delta  # (T, H)
 
+    def _forward_grouped(self, x, gate, up, base, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """All slots at once through grouped products: the mixed intermediate ``(T, I)`` and the down delta
+        ``(T, H)``."""
+        r, s = self.rank, self.scaling
         idx = plan.token_index
-        xs = x.index_select(0, idx)  # (N, H)
-        a = grouped_linear(xs, self.lora_A_gate_up, plan, grouped)  # (N, 2r)
-        gate_e = gate.index_select(0, idx) + s * grouped_linear(a[:, :r].contiguous(), self.lora_B_gate, plan, grouped)
-        up_e = up.index_select(0, idx) + s * grouped_linear(a[:, r:].contiguous(), self.lora_B_up, plan, grouped)
+        a = grouped_linear(x.index_select(0, idx), self.lora_A_gate_up, plan, True) * s  # (N, 2r)
+        gate_e = gate.index_select(0, idx) + grouped_linear(a[:, :r].contiguous(), self.lora_B_gate, plan, True)
+        up_e = up.index_select(0, idx) + grouped_linear(a[:, r:].contiguous(), self.lora_B_up, plan, True)
         hidden_e = self.act_fn(gate_e) * up_e  # (N, I)
-        down_delta = s * grouped_linear(
-            grouped_linear(hidden_e, self.lora_A_down, plan, grouped), self.lora_B_down, plan, grouped
-        )
+        down_delta = s * grouped_linear(grouped_linear(hidden_e, self.lora_A_down, plan, True), self.lora_B_down,
+                                        plan, True)  # fmt: skip
+        w = plan.weight.to(x.dtype).unsqueeze(-1)  # (N, 1)
+        if base is None:
+            base = gate.new_zeros(gate.shape)
+        return base.index_add(0, idx, hidden_e * w), combine(down_delta, plan)
 
-        w = plan.weight.to(x.dtype).unsqueeze(-1)
-        mixed = hidden.index_add(0, idx, (hidden_e - hidden.index_select(0, idx)) * w)  # (T, I)
-        return F.linear(mixed, self.down_proj) + combine(down_delta, plan)
-
-    def _forward_loop(
-        self, x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, hidden: torch.Tensor, plan: DispatchPlan
-    ) -> torch.Tensor:
-        """The same sums as the grouped path, one expert chunk at a time (small temporaries, see dispatch.py)."""
+    def _forward_loop(self, x, gate, up, base, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same sums one expert chunk at a time (small temporaries, see dispatch.py)."""
         r, s = self.rank, self.scaling
-        deltas, outs = [], []
+        mixes, outs = [], []
         experts = zip(
             gather_chunks(x, plan),
             gather_chunks(gate, plan),
             gather_chunks(up, plan),
-            gather_chunks(hidden, plan),
             plan.weight_chunks(),
             self.lora_A_gate_up.unbind(0),
             self.lora_B_gate.unbind(0),
@@ -199,15 +229,66 @@ class LoRAExperts(nn.Module):
             self.lora_A_down.unbind(0),
             self.lora_B_down.unbind(0),
         )
-        for x_e, gate_e, up_e, hidden_e, w_e, a_gu, b_g, b_u, a_d, b_d in experts:
+        fused = self.hidden_act == "silu"
+        for x_e, gate_e, up_e, w_e, a_gu, b_g, b_u, a_d, b_d in experts:
             if x_e.shape[0] == 0:
-                deltas.append(hidden_e)
+                mixes.append(gate_e)
                 outs.append(x_e)
                 continue
             w_e = w_e.to(x.dtype)
             a = F.linear(x_e, a_gu) * s  # (n_e, 2r); scaling on the narrow tensor
-            h_e = self.act_fn(gate_e + F.linear(a[:, :r], b_g)) * (up_e + F.linear(a[:, r:], b_u))  # (n_e, I)
-            deltas.append((h_e - hidden_e) * w_e)
-            outs.append(F.linear(F.linear(h_e, a_d) * (w_e * s), b_d))  # (n_e, H)
-        mixed = scatter_chunks(deltas, plan, base=hidden)  # (T, I)
-        return F.linear(mixed, self.down_proj) + scatter_chunks(outs, plan)
+            if fused:
+                mix, t = _LoRASwiGLUSlots.apply(gate_e, up_e, a, b_g, b_u, a_d, w_e, s)
+            else:
+                h_e = self.act_fn(torch.addmm(gate_e, a[:, :r], b_g.t())) * torch.addmm(up_e, a[:, r:], b_u.t())
+                mix, t = h_e * w_e, F.linear(h_e, a_d) * (w_e * s)
+            mixes.append(mix)  # (n_e, I)
+            outs.append(F.linear(t, b_d))  # (n_e, H)
+        return scatter_chunks(mixes, plan, base=base), scatter_chunks(outs, plan)
+
+
+class _LoRASwiGLUSlots(torch.autograd.Function):
+    """One LoRA expert's SwiGLU on its slots, with the backward written out (SiLU only)::
+
+        g = gate + a_g B_g^T,   u = up + a_u B_u^T,   h = silu(g) * u           (n, I)
+        mix = w h   (n, I),     t = s w (h A_d^T)   (n, r)
+
+    ``gate``/``up`` are the slots' frozen pre-activations, ``a = s (x A_gu^T)`` the LoRA inputs of gate and up.
+
+    Why by hand: on CPU these ``(n, I)`` passes are bound by memory traffic, and autograd gives every partial
+    gradient its own fresh tensor before adding them up (``h`` gets one from ``mix`` and one from ``t``), and computes
+    the routing weight's gradient through a ``(n, I)`` temporary. Here the two gradients of ``h`` meet in one
+    buffer (``addmm_``, also the fast layout for the ``K = r`` product) and the weight's gradient is a batched row dot
+    product. Checked against autograd in tests/moe/test_experts.py.
+    """
+
+    @staticmethod
+    def forward(ctx, gate, up, a, b_g, b_u, a_d, w, s: float):
+        r = b_g.shape[1]
+        g = torch.addmm(gate, a[:, :r], b_g.t())  # (n, I)
+        u = torch.addmm(up, a[:, r:], b_u.t())  # (n, I)
+        act = F.silu(g)
+        h = act * u
+        t0 = F.linear(h, a_d)  # (n, r)
+        ctx.save_for_backward(g, u, act, h, t0, a, b_g, b_u, a_d, w)
+        ctx.s = s
+        return h * w, t0 * (w * s)
+
+    @staticmethod
+    def backward(ctx, grad_mix, grad_t):
+        g, u, act, h, t0, a, b_g, b_u, a_d, w = ctx.saved_tensors
+        s, r = ctx.s, b_g.shape[1]
+        need = ctx.needs_input_grad
+        grad_t0 = grad_t * (w * s)  # (n, r)
+        grad_w = None
+        if need[6]:  # d/dw of w h and of s w t0: row dot products
+            grad_w = torch.bmm(grad_mix.unsqueeze(1), h.unsqueeze(2)).view(-1, 1)
+            grad_w += (grad_t * t0).sum(-1, keepdim=True) * s
+        grad_a_d = grad_t0.t() @ h if need[5] else None  # (r, I)
+        grad_h = (grad_mix * w).addmm_(grad_t0, a_d)  # (n, I): both paths into one buffer
+        grad_u = grad_h * act
+        grad_g = torch.ops.aten.silu_backward(grad_h.mul_(u), g)
+        grad_a = torch.cat([grad_g @ b_g, grad_u @ b_u], dim=-1) if need[2] else None  # (n, 2r)
+        grad_b_g = grad_g.t() @ a[:, :r] if need[3] else None  # (I, r)
+        grad_b_u = grad_u.t() @ a[:, r:] if need[4] else None
+        return grad_g, grad_u, grad_a, grad_b_g, grad_b_u, grad_a_d, grad_w, None

@@ -130,7 +130,11 @@ class SparseMoEBlock(nn.Module):
 
         routing, dropped = apply_capacity(routing, num_experts=self.num_experts, capacity_factor=cfg.capacity_factor)
         plan = make_plan(
-            routing.expert_index, routing.weight, routing.computed_mask(self.num_experts), self.num_experts
+            routing.expert_index,
+            routing.weight,
+            routing.computed_mask(self.num_experts),
+            self.num_experts,
+            weights_sum_to_one=cfg.norm_topk_prob and cfg.num_null_experts == 0 and cfg.capacity_factor is None,
         )
         out = self.experts(x, plan)  # (T, H)
 
@@ -168,7 +172,11 @@ class SparseMoEBlock(nn.Module):
         probs = torch.nn.functional.one_hot(index[:, 0], self.config.num_total_experts).float()
         routing = Routing(expert_index=index, weight=valid.to(x.dtype), valid=valid, probs=probs)
         plan = make_plan(
-            routing.expert_index, routing.weight, routing.computed_mask(self.num_experts), self.num_experts
+            routing.expert_index,
+            routing.weight,
+            routing.computed_mask(self.num_experts),
+            self.num_experts,
+            weights_sum_to_one=True,  # one expert, weight 1 (padding: 0, and its output is never read)
         )
         out = self.experts(x, plan)
         if self.shared_experts is not None:
