@@ -206,8 +206,8 @@ def run_block(expert_type, dispatch, seed=0, **kw):
 @pytest.mark.parametrize("expert_type", ["ffn", "lora"])
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"num_null_experts": 2}, {"routing": "topp", "top_p": 0.5}, {"capacity_factor": 0.5}],
-    ids=["topk", "null", "topp", "capacity"],
+    [{}, {"num_null_experts": 2}, {"routing": "topp", "top_p": 0.5}, {"capacity_factor": 0.5}, {"hidden_act": "gelu"}],
+    ids=["topk", "null", "topp", "capacity", "gelu"],  # gelu: the loop's autograd path (SiLU has its own backward)
 )
 def test_dispatch_backends_agree(expert_type, extra):
     out_a, gx_a, grads_a = run_block(expert_type, "loop", **extra)

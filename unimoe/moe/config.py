@@ -128,6 +128,12 @@ class MoEConfig:
         """Real plus null experts: the width of the router."""
         return self.num_experts + self.num_null_experts
 
+    @property
+    def weights_sum_to_one(self) -> bool:
+        """Every token's routing weights over its computed slots sum to one: renormalized top-k / top-p, no null
+        experts taking a share, no slots dropped by a capacity."""
+        return self.norm_topk_prob and self.num_null_experts == 0 and self.capacity_factor is None
+
     def is_moe_layer(self, layer_idx: int, num_layers: int) -> bool:
         if self.moe_layers is not None:
             return layer_idx in self.moe_layers

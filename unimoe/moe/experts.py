@@ -160,12 +160,11 @@ class _SwiGLUExpertLoop(torch.autograd.Function):
         grad_x = torch.zeros_like(x) if need_x else None
         grad_gu = torch.empty_like(gate_up_proj) if need_gu else None
         grad_down = torch.empty_like(down_proj) if need_down else None
-        grad_w = torch.zeros_like(weight) if need_w else None
+        grad_w = torch.zeros_like(weight) if need_w else None  # (N,), written per expert through split views
         inter = gate_up_proj.shape[1] // 2
-        chunks = zip(token_index.split(ctx.counts), weight.unsqueeze(-1).split(ctx.counts), ctx.saved)
-        start = 0
-        for e, (idx, w, saved) in enumerate(chunks):
-            n = idx.numel()
+        grad_w_chunks = grad_w.split(ctx.counts) if grad_w is not None else [None] * len(ctx.counts)
+        chunks = zip(token_index.split(ctx.counts), weight.unsqueeze(-1).split(ctx.counts), grad_w_chunks, ctx.saved)
+        for e, (idx, w, grad_w_e, saved) in enumerate(chunks):
             if saved is None:  # no tokens: zero weight gradients
                 for buf in (grad_gu, grad_down):
                     if buf is not None:
@@ -179,17 +178,16 @@ class _SwiGLUExpertLoop(torch.autograd.Function):
                     torch.mm(go.t(), h * w, out=grad_down[e])
                 else:
                     torch.mm((go * w).t(), h, out=grad_down[e])
-            if grad_w is not None:
-                grad_w[start : start + n] = torch.bmm(grad_hw.unsqueeze(1), h.unsqueeze(2)).view(-1)
+            if grad_w_e is not None:
+                torch.bmm(grad_hw.unsqueeze(1), h.unsqueeze(2), out=grad_w_e.view(-1, 1, 1))
             grad_h = grad_hw.mul_(w)
-            grad_g_u = torch.empty(n, 2 * inter, dtype=h.dtype, device=h.device)
+            grad_g_u = h.new_empty(h.shape[0], 2 * inter)
             torch.mul(grad_h, act, out=grad_g_u[:, inter:])
             torch.ops.aten.silu_backward.grad_input(grad_h.mul_(u), g, grad_input=grad_g_u[:, :inter])
             if grad_gu is not None:
                 torch.mm(grad_g_u.t(), x_e, out=grad_gu[e])
             if grad_x is not None:
                 grad_x.index_add_(0, idx, grad_g_u @ gate_up_proj[e])
-            start += n
         return grad_x, grad_gu, grad_down, grad_w, None, None
 
 

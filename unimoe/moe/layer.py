@@ -134,7 +134,7 @@ class SparseMoEBlock(nn.Module):
             routing.weight,
             routing.computed_mask(self.num_experts),
             self.num_experts,
-            weights_sum_to_one=cfg.norm_topk_prob and cfg.num_null_experts == 0 and cfg.capacity_factor is None,
+            weights_sum_to_one=cfg.weights_sum_to_one,
         )
         out = self.experts(x, plan)  # (T, H)
 
