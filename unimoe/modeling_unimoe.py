@@ -391,7 +391,8 @@ class UniMoEModel(UniMoEPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For every series query run: the prompt's last series before it (its first channel).
 
-        Returns ``(normalized (n, L), loc (n,), scale (n,), raw (n, L), observed (n, L))``-style tensors, where the
+        Returns ``(normalized (n, L), loc (n,), scale (n,), raw (n, L), observed (n, L))`` — normalized in the
+        forecasting head's units (its ``scaling``) — where the
         series units are matched to runs through the placeholder tokens (units fill placeholders in row-major order,
         ``tokens_per_unit`` placeholders each)."""
         from unimoe.encoders.series import fit_context
@@ -418,7 +419,10 @@ class UniMoEModel(UniMoEPreTrainedModel):
             values, mask = values.unsqueeze(-1), mask.unsqueeze(-1)
         values, mask = fit_context(values.float(), mask.float(), cfg.context_length, cfg.num_channels)
         normalized, loc, scale = encoder.normalize(values, mask)
-        return normalized[..., 0], loc[:, 0, 0], scale[:, 0, 0], values[..., 0], mask[..., 0]
+        raw, observed = values[..., 0], mask[..., 0]
+        head = self.generation_heads["series"]
+        normalized, loc, scale = head.normalize(raw, observed, (normalized[..., 0], loc[:, 0, 0], scale[:, 0, 0]))
+        return normalized, loc, scale, raw, observed
 
     def embed_media(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, media: dict[str, torch.Tensor]):
         """Encode each modality's units and write them over its placeholder embeddings (in order)."""

@@ -7,8 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from unimoe.errors import ConfigError
 from unimoe.generation.config import ForecastHeadConfig, ImageHeadConfig
-from unimoe.generation.heads import DiffusionHead, ForecastHead
+from unimoe.generation.heads import DiffusionHead, ForecastHead, LinearForecasters
 
 
 def test_post_init_keeps_the_decoders_own_initialization(tiny_model):
@@ -110,6 +111,46 @@ def test_pinball_loss_against_hand_computed_values():
     assert loss.item() == pytest.approx((0.2 / 3 + 2.5) / 2)
 
 
+def test_forecast_naive_scaling_by_hand():
+    """``scaling: naive``: loc = the last observed value, scale = the mean |one-step change| over observed pairs;
+    padding and missing steps are skipped; a constant context falls back to the encoder's scale, then to 1."""
+    head = ForecastHead(ForecastHeadConfig(), hidden_size=8, context_length=6)
+    values = torch.tensor([[0.0, 0.0, 1.0, 3.0, 6.0, 10.0],  # 2 steps of left padding: changes 2, 3, 4
+                           [5.0, 7.0, 0.0, 4.0, 4.0, 0.0],  # missing step 2 and a missing last step
+                           [2.0, 2.0, 2.0, 2.0, 2.0, 2.0],  # constant: no step size
+                           [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])  # nothing observed
+    observed = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0], [1] * 6, [0] * 6], dtype=torch.float32)
+    encoder = (torch.zeros(4, 6), torch.zeros(4), torch.tensor([9.0, 9.0, 0.5, 0.0]))
+    normalized, loc, scale = head.normalize(values, observed, encoder)
+    torch.testing.assert_close(loc, torch.tensor([10.0, 4.0, 2.0, 0.0]))
+    torch.testing.assert_close(scale, torch.tensor([3.0, 1.0, 0.5, 1.0]))  # row 2: |7-5| and |4-4| -> 1
+    torch.testing.assert_close(normalized[0], torch.tensor([0.0, 0.0, -3.0, -7 / 3, -4 / 3, 0.0]))
+    assert normalized[1, 2] == 0 and normalized[1, 5] == 0  # unobserved steps stay 0
+    std = ForecastHead(ForecastHeadConfig(scaling="std"), hidden_size=8, context_length=6)
+    assert std.normalize(values, observed, encoder) is encoder
+    with pytest.raises(ConfigError, match="generation.series.scaling"):
+        ForecastHeadConfig(scaling="minmax")
+
+
+def test_linear_forecasters_start_naive_and_specialize():
+    """The gated skip starts as "repeat the last value" for any gate input; its gate mixes per item, so the
+    forecasters get different gradients (a uniform gate would keep them identical forever); K=1 has no gate."""
+    torch.manual_seed(0)
+    skip = LinearForecasters(window=6, horizon=3, num_experts=4, gate_dim=10)
+    context, queries = torch.randn(5, 6), torch.randn(5, 10)
+    out = skip(context, queries)
+    torch.testing.assert_close(out, context[:, -1:].expand(5, 3))
+    mix = skip.gate(queries).softmax(-1)
+    assert not torch.allclose(mix[0], mix[1])
+    (out - torch.randn(5, 3)).square().sum().backward()
+    grads = skip.weight.grad.flatten(1)  # (K, window*horizon)
+    assert not torch.allclose(grads[0], grads[1])
+    assert skip.gate[1].weight.grad.abs().max() < 1e-5  # identical forecasters: the gate has nothing to choose yet
+    single = LinearForecasters(window=6, horizon=3, num_experts=1, gate_dim=10)
+    assert single.gate is None
+    torch.testing.assert_close(single(context, queries), context[:, -1:].expand(5, 3))
+
+
 def test_forecast_context_finds_each_rows_own_series(gen_model):
     """Two forecasting rows with different series (and an image row in between): each query run must be paired
     with the last series of its own row."""
@@ -131,8 +172,10 @@ def test_forecast_context_finds_each_rows_own_series(gen_model):
     _, loc, scale, raw, observed = model.model.forecast_context(
         batch["input_ids"], batch["series_values"], batch["series_mask"]
     )
-    expected = [(np.arange(40) % 7).mean() + level for level in (10.0, 500.0)]
+    # the head's naive scaling: loc = each row's own last value, scale = its mean absolute one-step change
+    expected = [39 % 7 + level for level in (10.0, 500.0)]
     torch.testing.assert_close(loc, torch.tensor(expected, dtype=torch.float32))
+    torch.testing.assert_close(scale, torch.full((2,), (34 * 1 + 5 * 6) / 39))
     assert observed.sum(1).tolist() == [40.0, 40.0]
     out = model(**batch)
     assert out.forecast_loss.item() > 0 and out.diffusion_loss.item() > 0 and torch.isfinite(out.loss)
@@ -153,7 +196,7 @@ def test_generation_tokens_are_labelled_and_query_slots_are_not(gen_model):
 def test_forecast_head_starts_as_the_naive_forecast(tiny_model):
     """The context skip starts as "repeat the last value" (post_init must not re-draw it)."""
     head = tiny_model.model.generation_heads["series"]
-    context = torch.randn(3, head.skip.in_features)
+    context = torch.randn(3, head.skip.window)
     states = torch.zeros(3, head.config.num_queries, tiny_model.config.text_config.hidden_size)
     with torch.no_grad():
         head.mlp[-1].weight.zero_()

@@ -135,10 +135,18 @@ class AudioHeadConfig(DiffusionHeadConfig):
 class ForecastHeadConfig:
     """Forecasts of up to ``max_horizon`` steps of a prompt's last time series (its first channel), as the
     ``quantiles`` of the predictive distribution (the point forecast is the median), trained with the pinball loss
-    in the context's instance-normalized units. ``context_skip`` adds a linear map of the last ``skip_window``
-    normalized context values to the query-token path (the linear-forecaster residual of DLinear-style models): the
-    LLM's query states refine it. The window is short so that it is fully observed for short series (a longer one
-    would read the context's zero padding)."""
+    in the context's normalized units. ``scaling`` picks those units: ``naive`` (default) measures the series from
+    its last observed value in units of its mean absolute one-step change (the in-sample error of the naive
+    forecast), so the loss is the scaled error MASE reports and a smooth trending series, whose changes are tiny
+    next to its range, weighs as much as a noisy one; ``std`` is the series encoder's instance normalization (mean
+    and standard deviation), under which such series hardly enter the loss.
+
+    ``context_skip`` adds ``skip_experts`` linear forecasters of the last ``skip_window`` normalized values
+    (DLinear-style), mixed per item by a gate on the query states, to the query-token path: the prompt picks the
+    linear model, the LLM's states refine it. Unobserved (padding) steps read as 0, i.e. as the last value. Measured
+    on ``ts_forecast`` alone (400 steps, tiny model): MASE 1.36 with ``std`` and one 16-step map, 1.12 with
+    ``naive``, 1.08 with a 48-step window, 0.76 with 8 gated forecasters (a global ridge on 48 lags: 1.14; one ridge
+    per series: 0.74)."""
 
     num_queries: int = 4
     max_horizon: int = 24
@@ -146,14 +154,17 @@ class ForecastHeadConfig:
     quantiles: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9])
     hidden_size: int = 128
     context_skip: bool = True
-    skip_window: int = 16
+    skip_window: int = 48
+    skip_experts: int = 8
     loss_coef: float = 1.0
+    scaling: str = "naive"
 
     modality = "series"
 
     def __post_init__(self) -> None:
         where = "generation.series"
-        _positive(self, ("num_queries", "max_horizon", "default_horizon", "hidden_size", "skip_window"), where)
+        _positive(self, ("num_queries", "max_horizon", "default_horizon", "hidden_size", "skip_window", "skip_experts"),
+                  where)  # fmt: skip
         if self.default_horizon > self.max_horizon:
             raise ConfigError(f"{where}.default_horizon: {self.default_horizon} exceeds max_horizon={self.max_horizon}")
         qs = [float(q) for q in self.quantiles]
@@ -164,10 +175,14 @@ class ForecastHeadConfig:
         self.quantiles = qs
         if self.loss_coef < 0:
             raise ConfigError(f"{where}.loss_coef: must be >= 0, got {self.loss_coef}")
+        if self.scaling not in FORECAST_SCALINGS:
+            raise ConfigError(f"{where}.scaling: one of {', '.join(FORECAST_SCALINGS)}, got {self.scaling!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+
+FORECAST_SCALINGS = ("naive", "std")
 
 HEAD_CONFIGS: dict[str, type] = {"image": ImageHeadConfig, "audio": AudioHeadConfig, "series": ForecastHeadConfig}
 

@@ -160,6 +160,37 @@ class DiffusionHead(nn.Module):
         return self.decode(x).clamp(-1.0, 1.0)
 
 
+class LinearForecasters(nn.Module):
+    """The forecasting head's context skip: ``K`` linear forecasters (window → horizon, DLinear-style) mixed per item
+    by a gate on the LLM's query states, so the prompt ("weekly CO2", "yearly sunspots") picks the linear model —
+    a mixture of linear experts in the spirit of Moirai-MoE's token-level specialization, at the size of a few
+    small matrices. ``K = 1`` is a single linear map (no gate). Every forecaster starts as the naive forecast
+    (repeat the last value), so the skip starts naive whatever the gate picks."""
+
+    def __init__(self, window: int, horizon: int, num_experts: int, gate_dim: int):
+        super().__init__()
+        self.window = window
+        self.weight = nn.Parameter(torch.zeros(num_experts, window, horizon))
+        self.bias = nn.Parameter(torch.zeros(num_experts, horizon))
+        with torch.no_grad():
+            self.weight[:, -1, :] = 1.0
+        self.gate = None
+        if num_experts > 1:
+            self.gate = nn.Sequential(nn.LayerNorm(gate_dim), nn.Linear(gate_dim, num_experts))
+            # a random gate: with a uniform one every forecaster would get the same gradient and stay identical
+            nn.init.normal_(self.gate[1].weight, std=gate_dim**-0.5)
+            nn.init.zeros_(self.gate[1].bias)
+        mark_initialized(self)  # transformers' post_init must keep this init
+
+    def forward(self, context: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """``context (n, window)``, ``queries (n, D)`` → ``(n, horizon)``."""
+        per_expert = torch.einsum("nw,kwh->nkh", context, self.weight) + self.bias  # (n, K, horizon)
+        if self.gate is None:
+            return per_expert[:, 0]
+        mix = self.gate(queries).softmax(dim=-1)  # (n, K)
+        return torch.einsum("nk,nkh->nh", mix, per_expert)
+
+
 class ForecastHead(nn.Module):
     """Quantile forecasts ``(n, max_horizon, Q)`` in the context's normalized units."""
 
@@ -174,23 +205,37 @@ class ForecastHead(nn.Module):
         )  # fmt: skip
         self.skip = None
         if config.context_skip:
-            # starts as the naive forecast (repeat the last observed value, in normalized units); the query path
-            # and the learned skip weights correct it. Flagged so transformers' post_init keeps this init.
-            self.skip = nn.Linear(min(config.skip_window, context_length), h)
-            with torch.no_grad():
-                self.skip.weight.zero_()
-                self.skip.weight[:, -1] = 1.0
-                self.skip.bias.zero_()
-            mark_initialized(self.skip)
+            self.skip = LinearForecasters(min(config.skip_window, context_length), h, config.skip_experts,
+                                          gate_dim=n * hidden_size)  # fmt: skip
         # The quantile levels are built from the config on use, not held in a non-persistent buffer: such a buffer
         # is never materialized by from_pretrained's meta-device construction (it would hold garbage).
+
+    def normalize(
+        self, values: torch.Tensor, observed: torch.Tensor, encoder_normalized: tuple[torch.Tensor, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The units the head forecasts in (``config.scaling``). ``values`` / ``observed (n, L)`` (left-padded,
+        1 = observed), ``encoder_normalized`` = the series encoder's ``(normalized, loc, scale)`` of the same context
+        (what ``std`` uses) → ``(normalized (n, L) with 0 at unobserved steps, loc (n,), scale (n,))``."""
+        if self.config.scaling == "std":
+            return encoder_normalized
+        weight = observed.to(values.dtype)
+        count = weight.sum(dim=1)
+        last = torch.where(count > 0, (weight.cumsum(dim=1) == count[:, None]).to(values.dtype).argmax(dim=1), 0)
+        loc = values.gather(1, last[:, None]).squeeze(1) * (count > 0).to(values.dtype)  # last observed value
+        both = weight[:, 1:] * weight[:, :-1]  # consecutive observed pairs
+        step = ((values[:, 1:] - values[:, :-1]).abs() * both).sum(dim=1) / both.sum(dim=1).clamp_min(1)
+        # a constant (or single-value) context has no step size: fall back to the encoder's scale, then to 1
+        scale = torch.where(step > 0, step, encoder_normalized[2])
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        return (values - loc[:, None]) / scale[:, None] * weight, loc, scale
 
     def forward(self, query_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """``query_states (n, N, H)``, normalized ``context (n, L)`` → ``(n, max_horizon, Q)``."""
         cfg = self.config
-        out = self.mlp(query_states.flatten(1)).view(-1, cfg.max_horizon, len(cfg.quantiles))
+        queries = query_states.flatten(1)  # (n, N*H)
+        out = self.mlp(queries).view(-1, cfg.max_horizon, len(cfg.quantiles))
         if self.skip is not None:
-            out = out + self.skip(context[:, -self.skip.in_features :]).unsqueeze(-1)
+            out = out + self.skip(context[:, -self.skip.window :], queries).unsqueeze(-1)
         return out
 
     def loss(self, prediction: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -229,4 +274,4 @@ def build_head(modality: str, spec: dict[str, Any], *, hidden_size: int, context
     return DiffusionHead(cfg, hidden_size)
 
 
-__all__ = ["AudioHeadConfig", "DiffusionHead", "ForecastHead", "ImageHeadConfig", "build_head", "mark_initialized"]
+__all__ = ["AudioHeadConfig", "DiffusionHead", "ForecastHead", "LinearForecasters", "ImageHeadConfig", "build_head", "mark_initialized"]
