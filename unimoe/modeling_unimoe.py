@@ -386,6 +386,29 @@ class UniMoEModel(UniMoEPreTrainedModel):
             )
         return states.view(-1, n_queries, hidden.shape[-1])
 
+    def condition_states(
+        self, input_ids: torch.Tensor, hidden: torch.Tensor, modality: str, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What a diffusion head conditions on, per query run in row-major order: ``(states (n, N + P, H), mask)``
+        — the run's ``N`` query states, then the last-layer states of the ``P = prompt_tokens`` positions before the
+        run (``mask (n, N + P)``, 0 where such a position is before the row's start or padding). ``P = 0``: the query
+        states alone and no mask."""
+        queries = self.query_states(input_ids, hidden, modality)  # (n, N, H)
+        window = self.generation_heads[modality].config.prompt_tokens
+        if window == 0:
+            return queries, None
+        is_query = input_ids == self.config.generation_token_ids[modality]["query"]
+        run_start = is_query & ~torch.nn.functional.pad(is_query, (1, 0))[:, :-1]  # (B, S)
+        rows, cols = run_start.nonzero(as_tuple=True)  # row-major, like query_states
+        positions = cols[:, None] - window + torch.arange(window, device=cols.device)  # (n, P)
+        valid = positions >= 0
+        positions = positions.clamp_min(0)
+        if attention_mask is not None:
+            valid = valid & (attention_mask[:, -input_ids.shape[1] :][rows[:, None], positions] > 0)
+        prompt = hidden[rows[:, None], positions]  # (n, P, H)
+        mask = torch.cat([torch.ones_like(valid[:, :1]).expand(-1, queries.shape[1]), valid], dim=1)
+        return torch.cat([queries, prompt.to(queries.dtype)], dim=1), mask.long()
+
     def forecast_context(
         self, input_ids: torch.Tensor, series_values: torch.Tensor | None, series_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -579,7 +602,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
                 if input_ids is None:
                     raise ValueError("generation targets need input_ids (to find the query slots)")
                 diffusion_loss, forecast_loss, weighted = self.generation_losses(
-                    input_ids, outputs.last_hidden_state, targets, series
+                    input_ids, outputs.last_hidden_state, targets, series, attention_mask
                 )
                 loss = loss + weighted
         return UniMoECausalLMOutput(
@@ -604,6 +627,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         hidden: torch.Tensor,
         targets: dict[str, torch.Tensor],
         series: tuple[torch.Tensor | None, torch.Tensor | None],
+        attention_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(diffusion_loss, forecast_loss, weighted sum)``; zero (with a graph) for heads without targets."""
         zero = hidden.sum() * 0.0
@@ -613,10 +637,10 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
                 target = targets.get(f"gen_{modality}_values")
                 if target is None:
                     continue
-                states = self.model.query_states(input_ids, hidden, modality)
+                states, mask = self.model.condition_states(input_ids, hidden, modality, attention_mask)
                 if states.shape[0] != target.shape[0]:
                     raise InputError(f"{modality} generation: {states.shape[0]} query runs, {target.shape[0]} targets")
-                head_loss = head.loss(states, target)
+                head_loss = head.loss(states, target, mask)
                 diffusion = diffusion + head_loss
             elif isinstance(head, ForecastHead):
                 target = targets.get("gen_series_values")

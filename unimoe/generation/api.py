@@ -153,8 +153,8 @@ def _generate_items(model, processor, inputs, new_tokens, requests, outputs, con
                 context = raw[i][observed[i] > 0].float().cpu().numpy()
                 outputs[b].forecasts.append(Forecast(point=quantiles[0.5], quantiles=quantiles, context=context))
             continue
-        states = model.model.query_states(input_ids, hidden, modality)
-        samples = head.sample(states, num_inference_steps=steps, guidance_scale=guidance, generator=generator)
+        states, mask = model.model.condition_states(input_ids, hidden, modality, attention_mask)
+        samples = head.sample(states, mask, num_inference_steps=steps, guidance_scale=guidance, generator=generator)
         codec = MelCodec(head.config) if modality == "audio" else None
         for i, b in enumerate(batch_rows):
             if codec is None:

@@ -27,9 +27,17 @@ class DiffusionHeadConfig:
     sample size and conditioning width. Training is flow matching (rectified flow, as in SD3): ``x_t = (1 - s) x_0
     + s * noise`` with ``s`` drawn logit-normally, the decoder predicts ``noise - x_0``; sampling integrates it with
     diffusers' ``FlowMatchEulerDiscreteScheduler`` and classifier-free guidance (the condition is dropped with
-    probability ``cond_dropout`` in training and replaced by a learned null condition)."""
+    probability ``cond_dropout`` in training and replaced by a learned null condition).
+
+    The decoder cross-attends to the ``num_queries`` query states and, with ``prompt_tokens`` = P > 0, also to the
+    last-layer states of the P tokens before the query run (the request itself, as text-to-image decoders attend to
+    their text encoder's states). The queries alone suffice with a pretrained LLM (MetaQuery-style); an LLM trained
+    from scratch first learns to make the query states the same for every prompt (measured on the tiny preset: their
+    spread across prompts fell to 1e-4 of their norm and the decoder drew unconditional digits), while the prompt
+    states carry the requested word from the first step."""
 
     num_queries: int = 8
+    prompt_tokens: int = 0
     cond_dim: int = 32
     decoder: dict[str, Any] = field(default_factory=_tiny_decoder)
     num_inference_steps: int = 20
@@ -42,6 +50,8 @@ class DiffusionHeadConfig:
     def __post_init__(self) -> None:
         where = f"generation.{self.modality}"
         _positive(self, ("num_queries", "cond_dim", "num_inference_steps", "noise_samples"), where)
+        if not isinstance(self.prompt_tokens, int) or isinstance(self.prompt_tokens, bool) or self.prompt_tokens < 0:
+            raise ConfigError(f"{where}.prompt_tokens: must be an integer >= 0, got {self.prompt_tokens!r}")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ConfigError(f"{where}.cond_dropout: must be in [0, 1), got {self.cond_dropout}")
         if self.guidance_scale < 1.0:

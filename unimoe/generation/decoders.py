@@ -21,8 +21,9 @@ from unimoe.registry import Registry
 class DecoderAdapter:
     #: (architecture kwargs, channels, (height, width), conditioning width) -> the diffusers model
     build: Callable[[dict[str, Any], int, tuple[int, int], int], nn.Module]
-    #: (model, x_t (n, C, H, W), conditioning (n, T, D), timesteps (n,) in [0, 1000]) -> velocity (n, C, H, W)
-    predict: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+    #: (model, x_t (n, C, H, W), conditioning (n, T, D), timesteps (n,) in [0, 1000], conditioning mask (n, T) with
+    #: 1 = attend, or None) -> velocity (n, C, H, W)
+    predict: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
     model_class: str
 
 
@@ -51,8 +52,9 @@ def _build_pixart(kwargs: dict[str, Any], channels: int, size: tuple[int, int], 
     )  # fmt: skip
 
 
-def _predict_pixart(model: nn.Module, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    out = model(x, encoder_hidden_states=cond, timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+def _predict_pixart(model: nn.Module, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, mask=None) -> torch.Tensor:
+    out = model(x, encoder_hidden_states=cond, timestep=t, encoder_attention_mask=mask,
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None})  # fmt: skip
     return out.sample[:, : x.shape[1]]  # the second half of the channels is the learned variance
 
 
@@ -69,8 +71,8 @@ def _build_sana(kwargs: dict[str, Any], channels: int, size: tuple[int, int], co
     )  # fmt: skip
 
 
-def _predict_sana(model: nn.Module, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return model(x, encoder_hidden_states=cond, timestep=t).sample
+def _predict_sana(model: nn.Module, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, mask=None) -> torch.Tensor:
+    return model(x, encoder_hidden_states=cond, timestep=t, encoder_attention_mask=mask).sample
 
 
 def _build_sd3(kwargs: dict[str, Any], channels: int, size: tuple[int, int], cond_dim: int) -> nn.Module:
@@ -84,8 +86,15 @@ def _build_sd3(kwargs: dict[str, Any], channels: int, size: tuple[int, int], con
     )  # fmt: skip
 
 
-def _predict_sd3(model: nn.Module, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return model(x, encoder_hidden_states=cond, pooled_projections=cond.mean(dim=1), timestep=t).sample
+def _predict_sd3(model: nn.Module, x: torch.Tensor, cond: torch.Tensor, t: torch.Tensor, mask=None) -> torch.Tensor:
+    # SD3's joint attention takes no mask: masked tokens are zeroed, and the pooled projection averages the others
+    if mask is None:
+        pooled = cond.mean(dim=1)
+    else:
+        weight = mask.to(cond.dtype).unsqueeze(-1)
+        cond = cond * weight
+        pooled = cond.sum(dim=1) / weight.sum(dim=1).clamp_min(1)
+    return model(x, encoder_hidden_states=cond, pooled_projections=pooled, timestep=t).sample
 
 
 DIFFUSION_DECODERS.register("PixArtTransformer2DModel")(

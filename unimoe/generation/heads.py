@@ -44,7 +44,7 @@ class DiffusionHead(nn.Module):
         self.connector = nn.Sequential(
             nn.LayerNorm(hidden_size), nn.Linear(hidden_size, d), nn.GELU(), nn.Linear(d, d), nn.LayerNorm(d)
         )
-        self.null_condition = nn.Parameter(torch.zeros(n, d))  # (N, D)
+        self.null_condition = nn.Parameter(torch.zeros(n + config.prompt_tokens, d))  # (N + P, D)
         self.vae = build_vae(config.vae) if getattr(config, "vae", None) else None
         self.decoder = self.build_decoder()
         mark_initialized(self.decoder)
@@ -95,44 +95,51 @@ class DiffusionHead(nn.Module):
         mark_initialized(module)
         return module
 
-    def predict(self, x: torch.Tensor, cond: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        return DIFFUSION_DECODERS.get(self.config.decoder["class"]).predict(self.decoder, x, cond, timesteps)
+    def predict(self, x: torch.Tensor, cond: torch.Tensor, timesteps: torch.Tensor, mask=None) -> torch.Tensor:
+        return DIFFUSION_DECODERS.get(self.config.decoder["class"]).predict(self.decoder, x, cond, timesteps, mask)
 
-    def condition(self, query_states: torch.Tensor) -> torch.Tensor:
-        """``(n, N, H)`` last-layer query states → ``(n, N, D)`` decoder conditioning."""
-        return self.connector(query_states)
+    def condition(self, states: torch.Tensor) -> torch.Tensor:
+        """``(n, T, H)`` last-layer states (the ``N`` queries, then ``prompt_tokens`` prompt states when configured)
+        → ``(n, T, D)`` decoder conditioning."""
+        return self.connector(states)
 
-    def loss(self, query_states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Flow-matching loss. ``query_states (n, N, H)``, ``targets (n, C, H', W')`` in [-1, 1]. Each item is noised
-        ``noise_samples`` times (the decoder is small next to the LLM pass that produced the condition)."""
+    def loss(self, states: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Flow-matching loss. ``states (n, T, H)`` (see :meth:`condition`; ``mask (n, T)``, 1 = attend),
+        ``targets (n, C, H', W')`` in [-1, 1]. Each item is noised ``noise_samples`` times (the decoder is small next
+        to the LLM pass that produced the condition)."""
         from diffusers.training_utils import compute_density_for_timestep_sampling
 
         cfg = self.config
         k = cfg.noise_samples
-        cond = self.condition(query_states).repeat_interleave(k, dim=0)  # (n*k, N, D)
+        cond = self.condition(states).repeat_interleave(k, dim=0)  # (n*k, T, D)
         x0 = self.encode(targets).to(cond.dtype).repeat_interleave(k, dim=0)  # (n*k, C, H', W')
+        if mask is not None:
+            mask = mask.repeat_interleave(k, dim=0)
         if cfg.cond_dropout > 0:
             drop = torch.rand(cond.shape[0], 1, 1, device=cond.device) < cfg.cond_dropout
             cond = torch.where(drop, self.null_condition.to(cond.dtype).expand_as(cond), cond)
+            if mask is not None:  # the null condition is attended in full
+                mask = torch.where(drop[:, :, 0], torch.ones_like(mask), mask)
         u = compute_density_for_timestep_sampling("logit_normal", cond.shape[0], logit_mean=0.0, logit_std=1.0)
         sigma = u.to(device=cond.device, dtype=cond.dtype)
         sigma = cfg.shift * sigma / (1 + (cfg.shift - 1) * sigma)  # the scheduler's timestep shift
         noise = torch.randn_like(x0)
         s = sigma.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
-        velocity = self.predict(x_t, cond, sigma * 1000)
+        velocity = self.predict(x_t, cond, sigma * 1000, mask)
         return F.mse_loss(velocity.float(), (noise - x0).float())
 
     @torch.no_grad()
     def sample(
         self,
-        query_states: torch.Tensor,
+        states: torch.Tensor,
+        mask: torch.Tensor | None = None,
         *,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """``(n, N, H)`` query states → ``(n, C, H', W')`` samples in [-1, 1]."""
+        """``(n, T, H)`` states (+ ``mask (n, T)``; see :meth:`loss`) → ``(n, C, H', W')`` samples in [-1, 1]."""
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         cfg = self.config
@@ -142,17 +149,19 @@ class DiffusionHead(nn.Module):
             from unimoe.errors import ConfigError
 
             raise ConfigError(f"sampling: steps must be >= 1 and guidance >= 1, got {steps} and {guidance}")
-        cond = self.condition(query_states)  # (n, N, D)
+        cond = self.condition(states)  # (n, T, D)
         n = cond.shape[0]
         if guidance > 1.0:
             cond = torch.cat([cond, self.null_condition.to(cond.dtype).expand_as(cond)])
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones_like(mask)])
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
         scheduler.set_timesteps(steps, device=cond.device)  # required before every sampling loop
         x = torch.randn((n, *self.latent_shape), generator=generator, device=cond.device, dtype=torch.float32)
         x = x.to(cond.dtype)
         for t in scheduler.timesteps:
             inp = torch.cat([x, x]) if guidance > 1.0 else x
-            velocity = self.predict(inp, cond, t.expand(inp.shape[0]).to(cond.dtype))
+            velocity = self.predict(inp, cond, t.expand(inp.shape[0]).to(cond.dtype), mask)
             if guidance > 1.0:
                 v_cond, v_uncond = velocity.chunk(2)
                 velocity = v_uncond + guidance * (v_cond - v_uncond)
