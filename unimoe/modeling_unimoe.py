@@ -414,10 +414,9 @@ class UniMoEModel(UniMoEPreTrainedModel):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For every series query run: the prompt's last series before it (its first channel).
 
-        Returns ``(normalized (n, L), loc (n,), scale (n,), raw (n, L), observed (n, L))`` — normalized in the
-        forecasting head's units (its ``scaling``) — where the
-        series units are matched to runs through the placeholder tokens (units fill placeholders in row-major order,
-        ``tokens_per_unit`` placeholders each)."""
+        Returns ``(normalized (n, L), loc (n,), scale (n,), raw (n, L), observed (n, L))``, normalized in the
+        forecasting head's units (its ``scaling``). Series units are matched to runs through the placeholder tokens
+        (units fill placeholders in row-major order, ``tokens_per_unit`` placeholders each)."""
         from unimoe.encoders.series import fit_context
 
         query_id = self.config.generation_token_ids["series"]["query"]

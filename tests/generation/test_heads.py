@@ -27,9 +27,11 @@ def test_post_init_keeps_the_decoders_own_initialization(tiny_model):
 
 
 def test_checkpoint_writes_decoders_as_diffusers_subfolders(gen_checkpoint):
+    config = json.loads((gen_checkpoint / "config.json").read_text())
     for modality in ("image", "audio"):
         folder = gen_checkpoint / f"decoder_{modality}"
-        assert json.loads((folder / "config.json").read_text())["_class_name"] == "PixArtTransformer2DModel"
+        expected = config["generation"][modality]["decoder"]["class"]
+        assert json.loads((folder / "config.json").read_text())["_class_name"] == expected
         assert (folder / "diffusion_pytorch_model.safetensors").is_file()
     with safe_open(str(gen_checkpoint / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
@@ -38,13 +40,16 @@ def test_checkpoint_writes_decoders_as_diffusers_subfolders(gen_checkpoint):
     assert not list(gen_checkpoint.rglob("*.bin"))
 
 
-def test_reloaded_decoder_has_valid_buffers_and_weights(gen_checkpoint, gen_model):
-    from diffusers import PixArtTransformer2DModel
+@pytest.mark.parametrize("which", ["gen_checkpoint", "pixart_checkpoint"])
+def test_reloaded_decoder_has_valid_buffers_and_weights(which, request):
+    """PixArt keeps its position embedding in a non-persistent buffer (the meta-device pitfall); SD3 saves it."""
+    from unimoe.inference import load_pretrained
 
-    model, _ = gen_model
+    checkpoint = request.getfixturevalue(which)
+    model, _ = load_pretrained(checkpoint)
     decoder = model.model.generation_heads["image"].decoder
-    reference = PixArtTransformer2DModel.from_pretrained(str(gen_checkpoint / "decoder_image"))
-    buffer = decoder.pos_embed.pos_embed  # non-persistent: NaN / garbage if built on the meta device and kept
+    reference = type(decoder).from_pretrained(str(checkpoint / "decoder_image"))
+    buffer = decoder.pos_embed.pos_embed  # PixArt: NaN / garbage if built on the meta device and kept
     assert torch.isfinite(buffer).all()
     torch.testing.assert_close(buffer, reference.pos_embed.pos_embed)
     for (name, a), (_, b) in zip(decoder.named_parameters(), reference.named_parameters()):
@@ -115,10 +120,9 @@ def test_forecast_naive_scaling_by_hand():
     """``scaling: naive``: loc = the last observed value, scale = the mean |one-step change| over observed pairs;
     padding and missing steps are skipped; a constant context falls back to the encoder's scale, then to 1."""
     head = ForecastHead(ForecastHeadConfig(), hidden_size=8, context_length=6)
-    values = torch.tensor([[0.0, 0.0, 1.0, 3.0, 6.0, 10.0],  # 2 steps of left padding: changes 2, 3, 4
-                           [5.0, 7.0, 0.0, 4.0, 4.0, 0.0],  # missing step 2 and a missing last step
-                           [2.0, 2.0, 2.0, 2.0, 2.0, 2.0],  # constant: no step size
-                           [0.0, 0.0, 0.0, 0.0, 0.0, 0.0]])  # nothing observed
+    # rows: 2 steps of left padding (changes 2, 3, 4); a missing step 2 and a missing last step; a constant
+    # context (no step size); nothing observed
+    values = torch.tensor([[0.0, 0.0, 1.0, 3.0, 6.0, 10.0], [5.0, 7.0, 0.0, 4.0, 4.0, 0.0], [2.0] * 6, [0.0] * 6])
     observed = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 0, 1, 1, 0], [1] * 6, [0] * 6], dtype=torch.float32)
     encoder = (torch.zeros(4, 6), torch.zeros(4), torch.tensor([9.0, 9.0, 0.5, 0.0]))
     normalized, loc, scale = head.normalize(values, observed, encoder)
@@ -235,3 +239,55 @@ def test_latent_space_head_with_a_vae_round_trips(tmp_path, tokenizer):
     assert np.array_equal(np.asarray(before.images[0]), np.asarray(after.images[0]))
     counts = apply_trainable(reloaded, {"generation": True})
     assert "generation_vae" not in counts and not any(p.requires_grad for p in head.vae.parameters())
+
+
+@pytest.mark.parametrize("decoder", ["PixArtTransformer2DModel", "SanaTransformer2DModel", "SD3Transformer2DModel"])
+def test_masked_condition_tokens_do_not_reach_the_decoder(decoder):
+    """Every decoder adapter honours the conditioning mask: what sits in masked tokens (left padding before a short
+    prompt) cannot change the prediction, while an attended token can."""
+    torch.manual_seed(0)
+    kwargs = {"class": decoder, "num_attention_heads": 2, "attention_head_dim": 8, "num_layers": 1, "patch_size": 2}
+    head = DiffusionHead(ImageHeadConfig(decoder=kwargs, prompt_tokens=3), hidden_size=16).eval()
+    assert head.null_condition.shape == (8 + 3, head.config.cond_dim)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([300.0, 700.0])
+    cond = torch.randn(2, 11, head.config.cond_dim)
+    mask = torch.ones(2, 11, dtype=torch.long)
+    mask[0, 8:10] = 0  # the first row's two oldest prompt positions are padding
+    other = cond.clone()
+    other[0, 8:10] = torch.randn(2, head.config.cond_dim) * 10
+    with torch.no_grad():
+        torch.testing.assert_close(head.predict(x, cond, t, mask), head.predict(x, other, t, mask))
+        other[0, 10] += 5.0  # an attended prompt token
+        assert not torch.allclose(head.predict(x, cond, t, mask), head.predict(x, other, t, mask))
+
+
+def test_condition_states_add_the_prompt_before_each_query_run(tokenizer):
+    """``prompt_tokens = P``: each run's states are its N query states, then the P last-layer states before the run;
+    positions before a row's start (left padding) are masked; the flow-matching loss and sampling take them."""
+    from unimoe import build_model
+    from unimoe.processing_unimoe import UniMoEProcessor
+
+    model = build_model("tiny", {"generation": {"image": {"prompt_tokens": 24}}}, seed=0).eval()
+    processor = UniMoEProcessor.from_model_config(tokenizer, model.config)
+    drawing = {"role": "assistant", "content": [{"type": "image", "array": np.zeros((8, 8), np.uint8)}]}
+    rows = [[{"role": "user", "content": "Draw the digit three, please, with a thick pen."}, drawing],
+            [{"role": "user", "content": "Draw."}, drawing]]  # fmt: skip
+    batch = processor(rows, return_labels=True)
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True)
+    ids, hidden = batch["input_ids"], out.last_hidden_state
+    states, mask = model.model.condition_states(ids, hidden, "image", batch["attention_mask"])
+    n_queries = model.model.generation_heads["image"].config.num_queries
+    assert states.shape == (2, n_queries + 24, hidden.shape[-1]) and mask.shape == (2, n_queries + 24)
+    torch.testing.assert_close(states[:, :n_queries], model.model.query_states(ids, hidden, "image"))
+    query = processor.query_token_ids["image"]
+    for row in range(2):
+        start = int((ids[row] == query).nonzero()[0])
+        torch.testing.assert_close(states[row, n_queries:], hidden[row, start - 24 : start])
+        expected = batch["attention_mask"][row, start - 24 : start]
+        assert mask[row, n_queries:].tolist() == expected.tolist()
+    assert mask[0].all() and mask[1, :n_queries].all() and not mask[1].all()  # the short row's window is padded
+    assert out.diffusion_loss is not None and torch.isfinite(out.diffusion_loss)
+    prompt = [{"role": "user", "content": "Draw the digit three."}]
+    result = model.generate_multimodal(processor, prompt, output_modality="image", seed=0, num_inference_steps=2)
+    assert result.images and result.images[0].size == (32, 32)

@@ -283,4 +283,7 @@ def build_head(modality: str, spec: dict[str, Any], *, hidden_size: int, context
     return DiffusionHead(cfg, hidden_size)
 
 
-__all__ = ["AudioHeadConfig", "DiffusionHead", "ForecastHead", "LinearForecasters", "ImageHeadConfig", "build_head", "mark_initialized"]
+__all__ = [
+    "AudioHeadConfig", "DiffusionHead", "ForecastHead", "ImageHeadConfig", "LinearForecasters", "build_head",
+    "mark_initialized",
+]  # fmt: skip
