@@ -114,3 +114,15 @@ def test_push_uploads_the_folder(tiny_model, tmp_path, monkeypatch):
     assert url == "https://hub/me/tiny/commit/1"
     assert calls[1] == ("create_repo", "me/tiny", True)
     assert calls[2] == ("upload_folder", str(path), "me/tiny", "model")
+
+
+def test_weights_that_do_not_fit_the_config_are_one_clear_error(tiny_model, tokenizer, tmp_path):
+    """A config whose shapes no longer match the saved tensors (an older checkpoint, a hand edit): CheckpointError
+    naming the directory, not transformers' RuntimeError."""
+    save_checkpoint(tiny_model, tmp_path / "ckpt", tokenizer=tokenizer)
+    config_path = tmp_path / "ckpt" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["generation"]["series"]["skip_experts"] = 3
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="weights do not fit the model its config.json describes"):
+        load_model(tmp_path / "ckpt")

@@ -215,6 +215,14 @@ def load_model(path: str | Path, **kwargs: Any):
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except OSError as err:  # Hub id not reachable / not found
         raise CheckpointError(f"could not load {path}: {str(err).splitlines()[0]}") from err
+    except RuntimeError as err:
+        if "mismatched" not in str(err):
+            raise
+        # transformers logs which tensors differ just before raising; say what it means in one line
+        raise CheckpointError(
+            f"{path}: its weights do not fit the model its config.json describes (tensor shapes differ; e.g. a "
+            "checkpoint written by an older UniMoE whose forecasting head had one linear map)"
+        ) from err
 
 
 def push_to_hub(folder: str | Path, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
