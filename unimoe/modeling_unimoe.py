@@ -386,6 +386,13 @@ class UniMoEModel(UniMoEPreTrainedModel):
             )
         return states.view(-1, n_queries, hidden.shape[-1])
 
+    def query_run_starts(self, input_ids: torch.Tensor, modality: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows (n,), cols (n,))`` of the first slot of every query run of ``modality``, row-major (the order of
+        :meth:`query_states`)."""
+        is_query = input_ids == self.config.generation_token_ids[modality]["query"]
+        run_start = is_query & ~torch.nn.functional.pad(is_query, (1, 0))[:, :-1]  # (B, S)
+        return run_start.nonzero(as_tuple=True)
+
     def condition_states(
         self, input_ids: torch.Tensor, hidden: torch.Tensor, modality: str, attention_mask: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -397,9 +404,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         window = self.generation_heads[modality].config.prompt_tokens
         if window == 0:
             return queries, None
-        is_query = input_ids == self.config.generation_token_ids[modality]["query"]
-        run_start = is_query & ~torch.nn.functional.pad(is_query, (1, 0))[:, :-1]  # (B, S)
-        rows, cols = run_start.nonzero(as_tuple=True)  # row-major, like query_states
+        rows, cols = self.query_run_starts(input_ids, modality)
         positions = cols[:, None] - window + torch.arange(window, device=cols.device)  # (n, P)
         valid = positions >= 0
         positions = positions.clamp_min(0)
@@ -419,17 +424,14 @@ class UniMoEModel(UniMoEPreTrainedModel):
         (units fill placeholders in row-major order, ``tokens_per_unit`` placeholders each)."""
         from unimoe.encoders.series import fit_context
 
-        query_id = self.config.generation_token_ids["series"]["query"]
         placeholder = self.config.media_token_ids.get("series")
-        is_query = input_ids == query_id
-        run_start = is_query & ~torch.nn.functional.pad(is_query, (1, 0))[:, :-1]  # (B, S)
         if series_values is None or placeholder is None:
             raise InputError("forecasting needs a time series in the prompt (a series part before the request)")
         is_series = input_ids == placeholder
         seen = is_series.flatten().long().cumsum(0).view_as(input_ids)  # placeholders up to here, row-major
         in_row = is_series.long().cumsum(dim=1)
         tokens_per_unit = int(is_series.sum()) // series_values.shape[0]
-        rows, cols = run_start.nonzero(as_tuple=True)
+        rows, cols = self.query_run_starts(input_ids, "series")
         if bool((in_row[rows, cols] == 0).any()):
             raise InputError("forecasting needs a time series in the prompt (a series part before the request)")
         units = (seen[rows, cols] - 1) // tokens_per_unit  # (n,)
