@@ -115,27 +115,47 @@ def test_lora_weights_sum_to_one_skips_only_a_zero_term(monkeypatch):
         torch.testing.assert_close(grad, grads_b[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_fused_lora_slots_backward_matches_autograd():
-    """The hand-written backward of the per-slot LoRA SwiGLU against autograd on the same formula (float64)."""
-    from unimoe.moe.experts import _LoRASwiGLUSlots
+@pytest.mark.parametrize("with_keep", [False, True], ids=["weights-sum-to-one", "keep-term"])
+@pytest.mark.parametrize("train_base", [False, True], ids=["frozen-ffn", "trained-ffn"])
+def test_fused_lora_expert_loop_backward_matches_autograd(with_keep, train_base):
+    """The hand-written backward of the LoRA-expert loop (float64 gradcheck): with and without the frozen FFN's
+    ``keep`` term, with the dense FFN frozen or trained, an expert without tokens included; and its output against
+    the formula written with plain tensor ops."""
+    from unimoe.moe.experts import _LoRAExpertLoop
 
     g = torch.Generator().manual_seed(0)
-    n, i, r, s = 6, 10, 3, 0.7
+    t, h, i, r, e, s = 7, 6, 5, 2, 3, 0.7
 
-    def make(*shape):
-        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=True)
+    def make(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64, requires_grad=grad)
 
-    inputs = (make(n, i), make(n, i), make(n, 2 * r), make(i, r), make(i, r), make(r, i), make(n, 1))
-    assert torch.autograd.gradcheck(lambda *t: _LoRASwiGLUSlots.apply(*t, s), inputs)
+    token_index = torch.tensor([0, 2, 3, 5, 1, 2, 4, 6, 0])  # sorted by expert: 4 slots, 0 slots, 5 slots
+    counts = [4, 0, 5]
+    x = make(t, h)
+    w_gu, w_d = make(2 * i, h, grad=train_base), make(h, i, grad=train_base)
+    lora = (make(e, 2 * r, h), make(e, i, r), make(e, i, r), make(e, r, i), make(e, h, r))
+    weight = torch.rand(9, generator=g, dtype=torch.float64, requires_grad=True)
+    keep = torch.rand(t, generator=g, dtype=torch.float64, requires_grad=True) if with_keep else None
 
-    def reference(gate, up, a, b_g, b_u, a_d, w):
-        h = F.silu(gate + a[:, :r] @ b_g.T) * (up + a[:, r:] @ b_u.T)
-        return h * w, F.linear(h, a_d) * (w * s)
+    def fused(x, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d, weight, keep):
+        return _LoRAExpertLoop.apply(x, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d, weight, keep, token_index, counts, s)
 
-    outs = _LoRASwiGLUSlots.apply(*inputs, s)
-    refs = reference(*inputs)
-    for o, ref in zip(outs, refs):
-        torch.testing.assert_close(o, ref)
+    inputs = (x, w_gu, w_d, *lora, weight, keep)
+    assert torch.autograd.gradcheck(fused, inputs)
+
+    def reference(x, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d, weight, keep):
+        g0, u0 = F.linear(x, w_gu).chunk(2, dim=-1)
+        mixed = torch.zeros(t, i, dtype=x.dtype) if keep is None else F.silu(g0) * u0 * keep[:, None]
+        delta = torch.zeros_like(x)
+        experts = torch.repeat_interleave(torch.arange(e), torch.tensor(counts))
+        for slot, (tok, ex) in enumerate(zip(token_index.tolist(), experts.tolist())):
+            a = s * a_gu[ex] @ x[tok]
+            hid = F.silu(g0[tok] + b_g[ex] @ a[:r]) * (u0[tok] + b_u[ex] @ a[r:])
+            mixed = mixed.index_add(0, torch.tensor([tok]), (weight[slot] * hid)[None])
+            delta = delta.index_add(0, torch.tensor([tok]), (s * weight[slot] * b_d[ex] @ (a_d[ex] @ hid))[None])
+        return mixed @ w_d.T + delta
+
+    torch.testing.assert_close(fused(*inputs), reference(*inputs))
 
 
 @pytest.mark.parametrize("width", [4, 10])  # the expert FFN narrower / wider than hidden
