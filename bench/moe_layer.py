@@ -8,12 +8,6 @@ alike); the reported time is the median over repetitions and the ratio to dense 
 ratios. Training cases time forward + backward (the input
 requires grad, as inside a network); ``decode-E8`` times the forward alone under ``no_grad``.
 
-Each implementation runs in its own worker process (``--isolation process``, the default except with ``--quick``);
-the main process only says whose turn it is. In one shared process the implementations saw each other's heap:
-glibc hands freed heap back to the system, so one with a large working set (``unimoe_grouped_mm``: ~90k page faults
-a call) made the next one fault its working memory back in, and times depended on who ran before whom.
-``--isolation none`` keeps the shared-process timing.
-
 Columns
     dense          a SwiGLU MLP with the same *active* FLOPs per token (top_k * expert FFN width), or for the LoRA
                    case the frozen dense FFN alone.
@@ -34,10 +28,10 @@ the same model.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import time
@@ -199,7 +193,7 @@ def check_agreement(impls: dict, x: torch.Tensor) -> float:
     return float((ours - theirs).abs().max())
 
 
-def _setup(case: Case) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+def time_case(case: Case) -> dict:
     impls = make_impls(case)
     if not case.train:  # decoding runs in eval mode
         for _, module in impls.values():
@@ -207,87 +201,28 @@ def _setup(case: Case) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
     torch.manual_seed(2)
     x = torch.randn(1, case.tokens, case.hidden, requires_grad=case.train)
     grad = torch.randn(1, case.tokens, case.hidden) if case.train else None
-    return impls, x, grad
-
-
-def _timed(case: Case, impl, x: torch.Tensor, grad: torch.Tensor | None) -> float:
-    fn, module = impl
-    start = time.perf_counter()
-    for _ in range(case.inner):
-        step(fn, x, grad, module)
-    return (time.perf_counter() - start) * 1000.0 / case.inner
-
-
-def _rotations(names: list[str], reps: int):
-    for rep in range(reps):
-        yield names[rep % len(names) :] + names[: rep % len(names)]  # rotate who goes first
-
-
-def _time_in_process(case: Case, impls: dict, x, grad) -> dict[str, list[float]]:
-    for fn, module in impls.values():  # warm-up (allocator, MKL handles, lazy imports)
-        step(fn, x, grad, module)
-    samples = {name: [] for name in impls}
-    for order in _rotations(list(impls), case.reps):
-        for name in order:
-            samples[name].append(_timed(case, impls[name], x, grad))
-    return samples
-
-
-def _worker(case: Case, name: str, threads: int, conn) -> None:
-    """One implementation in its own process: built with the same seeds (so the same weights and inputs as in
-    one process), warmed up, then one timed sample per request until told to stop."""
-    torch.set_num_threads(threads)
-    impls, x, grad = _setup(case)
-    impl = impls[name]
-    del impls
-    step(impl[0], x, grad, impl[1])
-    conn.send("ready")
-    while conn.recv() == "run":
-        conn.send(_timed(case, impl, x, grad))
-
-
-def _time_in_workers(case: Case, names: list[str]) -> dict[str, list[float]]:
-    import multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    workers = {}
-    try:
-        for name in names:  # started one at a time: no two build or warm up at once
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_worker, args=(case, name, torch.get_num_threads(), child), daemon=True)
-            proc.start()
-            workers[name] = (proc, parent)
-            if parent.recv() != "ready":
-                raise RuntimeError(f"benchmark worker {name} failed to start")
-        samples = {name: [] for name in names}
-        for order in _rotations(names, case.reps):
-            for name in order:
-                time.sleep(0.02)  # the previous worker's threads go idle
-                workers[name][1].send("run")
-                samples[name].append(workers[name][1].recv())
-        return samples
-    finally:
-        for proc, conn in workers.values():
-            with contextlib.suppress(BrokenPipeError, OSError):
-                conn.send("stop")
-            proc.join(timeout=10)
-            if proc.is_alive():
-                proc.kill()
-
-
-def time_case(case: Case, isolation: str = "process") -> dict:
-    impls, x, grad = _setup(case)
     agreement = check_agreement(impls, x) if case.expert_type == "ffn" else None
 
-    if isolation == "process":
-        names = list(impls)
-        del impls  # the workers build their own
-        samples = _time_in_workers(case, names)
-    else:
-        samples = _time_in_process(case, impls, x, grad)
+    names = list(impls)
+    for name in names:  # warm-up (allocator, MKL handles, lazy imports)
+        fn, module = impls[name]
+        step(fn, x, grad, module)
+    samples = {name: [] for name in names}
+    faults = {name: [] for name in names}
+    for rep in range(case.reps):
+        order = names[rep % len(names) :] + names[: rep % len(names)]  # rotate who goes first
+        for name in order:
+            fn, module = impls[name]
+            faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            start = time.perf_counter()
+            for _ in range(case.inner):
+                step(fn, x, grad, module)
+            samples[name].append((time.perf_counter() - start) * 1000.0 / case.inner)
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / case.inner)
 
     auto_grouped = use_grouped_mm("auto", x)
     samples["unimoe"] = samples["unimoe_grouped_mm" if auto_grouped else "unimoe_loop"]
+    faults["unimoe"] = faults["unimoe_grouped_mm" if auto_grouped else "unimoe_loop"]
     columns = ["dense", "unimoe", "unimoe_loop", "unimoe_grouped_mm", "hf_eager", "hf_grouped_mm"]
     ms = {name: statistics.median(samples[name]) for name in columns}
     # Ratios pair each implementation with the dense run of the same repetition (seconds apart), then take the
@@ -312,13 +247,16 @@ def time_case(case: Case, isolation: str = "process") -> dict:
         },
         "ms": ms,
         "ratio_vs_dense": ratio,
+        # minor page faults per call (median): fresh memory the kernel had to map and zero. On this 2-core machine
+        # they are a large share of the time (glibc hands freed heap back and serves blocks over 32 MB by mmap), and
+        # they depend on what ran before in the process: the main source of run-to-run spread in these ratios.
+        "page_faults": {name: statistics.median(faults[name]) for name in columns},
         "target": case.target,
         "faster_than_transformers": faster_than_hf,
         "meets_target": meets,
         "auto_backend": "grouped_mm" if auto_grouped else "loop",
         "max_abs_diff_vs_hf": agreement,
         "repetitions": case.reps,
-        "isolation": isolation,
     }
 
 
@@ -365,14 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repetition (smoke test)")
     parser.add_argument("--cases", nargs="*", help="only these case names")
-    parser.add_argument(
-        "--isolation",
-        choices=["process", "none"],
-        help="time each implementation in its own worker process (default) or all in this one (default with "
-        "--quick: starting the workers costs more than the smoke run)",
-    )
     args = parser.parse_args(argv)
-    isolation = args.isolation or ("none" if args.quick else "process")
 
     torch.set_num_threads(os.cpu_count() or 1)
     cases = quick_cases() if args.quick else full_cases()
@@ -381,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in cases:
         start = time.perf_counter()
-        results.append(time_case(case, isolation))
+        results.append(time_case(case))
         print(f"[{case.name}: {time.perf_counter() - start:.1f} s]", file=sys.stderr, flush=True)
     print_table(results)
     report = {"cases": results, "env": env_info()}
