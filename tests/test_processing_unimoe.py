@@ -1,4 +1,6 @@
 import io
+import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -132,3 +134,49 @@ def test_guess_modality(tmp_path):
     assert guess_modality(tmp_path / "ts.npy") == "series"
     with pytest.raises(MediaError, match="--modality"):
         guess_modality("a.xyzw")
+
+
+def test_feature_cache_is_shared_and_keyed_by_file_and_config(tokenizer, model, tmp_path, monkeypatch):
+    """Processors of one process share preprocessed files (a recipe's stages each build one); a changed file, or a
+    processor whose encoder settings differ, gets fresh features."""
+    from unimoe.processing_unimoe import FeatureCache
+
+    cache = FeatureCache()
+    monkeypatch.setattr("unimoe.processing_unimoe.FEATURE_CACHE", cache)
+    path = tmp_path / "digit.png"
+    path.write_bytes(png(0))
+    part = {"type": "image", "path": str(path)}
+
+    first = UniMoEProcessor.from_model_config(tokenizer, model.config)
+    first.enable_feature_cache()
+    features = first.load_part(part)
+    second = UniMoEProcessor.from_model_config(tokenizer, model.config)
+    second.enable_feature_cache()
+    assert second.load_part(part) is features and len(cache) == 1
+
+    other = UniMoEProcessor.from_model_config(tokenizer, model.config)
+    other._encoders["image"] = (other._encoders["image"][0], replace(other._encoders["image"][1], image_size=16))
+    other.enable_feature_cache()
+    assert other.load_part(part)["values"].shape[-1] == 16 and len(cache) == 2
+
+    path.write_bytes(png(1))  # new content (and size / mtime): a miss, with the new pixels
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    fresh = second.load_part(part)
+    assert fresh is not features and not torch.equal(fresh["values"], features["values"])
+    uncached = UniMoEProcessor.from_model_config(tokenizer, model.config)  # no cache: never stored
+    assert torch.equal(uncached.load_part(part)["values"], fresh["values"]) and len(cache) == 3
+
+
+def test_feature_cache_evicts_least_recently_used_by_bytes():
+    from unimoe.processing_unimoe import FeatureCache
+
+    cache = FeatureCache(max_bytes=3 * 400)
+    for name in "abc":
+        cache.put((name,), {"values": torch.zeros(100)})  # 400 bytes each
+    assert cache.get(("a",)) is not None  # a is now the most recent
+    cache.put(("d",), torch.zeros(100))
+    assert cache.get(("b",)) is None and cache.get(("a",)) is not None and len(cache) == 3 and cache.nbytes == 1200
+    cache.put(("huge",), torch.zeros(1000))  # larger than the whole budget: not kept, nothing evicted
+    assert cache.get(("huge",)) is None and len(cache) == 3
+    cache.resize(400)
+    assert len(cache) == 1 and cache.get(("a",)) is not None
