@@ -179,7 +179,7 @@ class _SwiGLUExpertLoop(torch.autograd.Function):
                 else:
                     torch.mm((go * w).t(), h, out=grad_down[e])
             if grad_w_e is not None:
-                torch.bmm(grad_hw.unsqueeze(1), h.unsqueeze(2), out=grad_w_e.view(-1, 1, 1))
+                torch.sum(grad_hw * h, dim=-1, out=grad_w_e)  # row dot products (bmm measured ~6x slower)
             grad_h = grad_hw.mul_(w)
             grad_g_u = h.new_empty(h.shape[0], 2 * inter)
             torch.mul(grad_h, act, out=grad_g_u[:, inter:])
