@@ -153,18 +153,20 @@ def test_feature_cache_is_shared_and_keyed_by_file_and_config(tokenizer, model, 
     second = UniMoEProcessor.from_model_config(tokenizer, model.config)
     second.enable_feature_cache()
     assert second.load_part(part) is features and len(cache) == 1
+    target = first.load_target(part)  # the image head's target of the same file: its own entry, shared too
+    assert second.load_target(part) is target and len(cache) == 2
 
     other = UniMoEProcessor.from_model_config(tokenizer, model.config)
     other._encoders["image"] = (other._encoders["image"][0], replace(other._encoders["image"][1], image_size=16))
     other.enable_feature_cache()
-    assert other.load_part(part)["values"].shape[-1] == 16 and len(cache) == 2
+    assert other.load_part(part)["values"].shape[-1] == 16 and len(cache) == 3
 
     path.write_bytes(png(1))  # new content (and size / mtime): a miss, with the new pixels
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     fresh = second.load_part(part)
     assert fresh is not features and not torch.equal(fresh["values"], features["values"])
     uncached = UniMoEProcessor.from_model_config(tokenizer, model.config)  # no cache: never stored
-    assert torch.equal(uncached.load_part(part)["values"], fresh["values"]) and len(cache) == 3
+    assert torch.equal(uncached.load_part(part)["values"], fresh["values"]) and len(cache) == 4
 
 
 def test_feature_cache_evicts_least_recently_used_by_bytes():

@@ -97,10 +97,6 @@ class FeatureCache:
         self.max_bytes = max_bytes
         self._evict()
 
-    def clear(self) -> None:
-        self._items.clear()
-        self.nbytes = 0
-
     def _evict(self) -> None:
         while self.nbytes > self.max_bytes and self._items:
             _, (_, size) = self._items.popitem(last=False)
