@@ -119,7 +119,9 @@ class RecipeConfig:
     name: str = "recipe"
     description: str = ""
     model: dict[str, Any] = field(default_factory=dict)  # {preset: tiny, overrides: {...}} or {checkpoint: DIR}
-    data: dict[str, Any] = field(default_factory=dict)  # {tasks: [...]} tasks to build
+    # {tasks: [...], weights: {task: w}, balance: modality | task | record}: the tasks to build, and the sampling
+    # every stage uses unless its own overrides set data.weights / data.balance
+    data: dict[str, Any] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)  # {stage: PRESET, overrides: {...}}
     eval: dict[str, Any] = field(default_factory=dict)  # {tasks: SUITE, batch_size: N, limit: N}
     seed: int = 0
@@ -129,6 +131,10 @@ class RecipeConfig:
             raise ConfigError(f"recipe {self.name}: no stages")
         if not self.model:
             raise ConfigError(f"recipe {self.name}: model is required ({{preset: ...}} or {{checkpoint: ...}})")
+        unknown = sorted(set(self.data) - {"tasks", "weights", "balance"})
+        if unknown:
+            raise ConfigError(f"recipe {self.name}: data has unknown key(s) {unknown}; known: tasks, weights, balance")
+        config_from_dict(DataMix, self.data, where=f"recipe {self.name}: data")  # weights name tasks, balance known
         self.stage_configs()
 
     def stage_configs(self) -> list[StageConfig]:

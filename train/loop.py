@@ -253,7 +253,13 @@ def train_stage(
             batch.pop("sample_modality", None)
             with accelerator.accumulate(model):
                 outputs = model(**batch, output_router_stats=log_now)
-                accelerator.backward(outputs.loss)
+                loss = outputs.loss
+                if not loss.requires_grad:
+                    # no sample of this batch reaches a trainable part (e.g. text-only samples while only the
+                    # connectors train): a zero that touches every trainable parameter keeps the step, and DDP's
+                    # gradient all-reduce, well defined
+                    loss = loss + sum(p.sum() for p in params) * 0.0
+                accelerator.backward(loss)
                 if accelerator.sync_gradients and stage.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, stage.max_grad_norm)
                 optimizer.step()

@@ -1,0 +1,48 @@
+import json
+
+import pytest
+import yaml
+
+from unimoe.errors import ConfigError
+from unimoe.train import load_recipe, run_recipe
+
+RECIPE = {
+    "description": "two stages, a few steps",
+    "model": {"preset": "tiny", "overrides": {"moe": {"num_experts": 2}}},
+    "data": {"tasks": ["text_qa", "digits_cls"], "weights": {"text_qa": 3, "digits_cls": 1}, "balance": "task"},
+    "stages": [
+        {"stage": "align", "overrides": {"steps": 2, "batch_size": 4, "warmup_steps": 1, "forced_expert": 0}},
+        {"stage": "tune", "overrides": {"steps": 2, "batch_size": 4, "data": {"balance": "record"}}},
+    ],
+    "eval": {"tasks": "text_qa,digits_cls", "limit": 4, "batch_size": 4},
+}
+
+
+def _write(tmp_path, recipe):
+    path = tmp_path / "small.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_recipe_runs_every_step_and_applies_recipe_wide_sampling(tmp_path, train_data):
+    run = run_recipe(load_recipe(_write(tmp_path, RECIPE)), tmp_path / "run", data_root=train_data, progress=False)
+    out = tmp_path / "run"
+    assert [s["name"] for s in run["stages"]] == ["align", "tune"]
+    assert set(run["results"]) == {"text_qa", "digits_cls"}
+    assert (out / "final" / "config.json").is_file() and (out / "eval" / "results.json").is_file()
+    card = (out / "final" / "README.md").read_text()
+    assert "text_qa" in card and "| align | 2 |" in card
+    align = json.loads((out / "1-align" / "stage.json").read_text())["stage"]["data"]
+    tune = json.loads((out / "2-tune" / "stage.json").read_text())["stage"]["data"]
+    assert align["balance"] == "task" and align["weights"] == {"text_qa": 3, "digits_cls": 1}
+    assert align["tasks"] == ["text_qa", "digits_cls"]
+    assert tune["balance"] == "record"  # the stage's own override wins over the recipe's
+
+
+def test_recipe_data_section_is_validated(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key.*'balanse'"):
+        load_recipe(_write(tmp_path, {**RECIPE, "data": {**RECIPE["data"], "balanse": "task"}}))
+    with pytest.raises(ConfigError, match="data.balance"):
+        load_recipe(_write(tmp_path, {**RECIPE, "data": {**RECIPE["data"], "balance": "modalities"}}))
+    with pytest.raises(ConfigError, match="data.weights"):
+        load_recipe(_write(tmp_path, {**RECIPE, "data": {**RECIPE["data"], "weights": {"video_motion": 2}}}))
