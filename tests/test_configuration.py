@@ -47,6 +47,7 @@ def test_defaults_are_valid_and_round_trip(tmp_path):
         ({"modalities": ["image", "text"]}, "modalities"),
         ({"encoders": {"image": {"type": "vit", "init": "he"}}, "connectors": {"image": {}}}, "encoders.image.init"),
         ({"encoders": {"image": {"type": "vit"}}, "connectors": {"image": {"norm": "bn"}}}, "connectors.image.norm"),
+        ({"encoders": {"image": {"type": "vit"}}, "connectors": {"image": {"init": "he"}}}, "connectors.image.init"),
     ],
 )
 def test_impossible_configs_name_the_field(kwargs, field):

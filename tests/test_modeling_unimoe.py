@@ -164,3 +164,26 @@ def test_fan_in_encoder_init_keeps_audio_content(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = UniMoEForConditionalGeneration.from_pretrained(tmp_path)
     torch.testing.assert_close(loaded.model.encoders["audio"].whisper.conv1.weight, conv.weight)
+
+
+def test_fan_in_connector_init_passes_the_content_on():
+    """``init: fan_in`` on a connector: LeCun-normal layers instead of std 0.02, whose two 64-wide layers scaled the
+    input by ~0.03 (and the first layer's gradient with it), so a from-scratch video connector never learned."""
+    defaults = {m: {"init": "default"} for m in ("image", "audio", "video", "points", "series")}
+    plain = build_model("tiny", seed=0, connectors=defaults)
+    model = build_model("tiny", seed=0, connectors={**defaults, "video": {"init": "fan_in"}})
+    for name in ("linear_1", "linear_2"):
+        layer = getattr(model.model.connectors["video"], name)
+        assert layer.weight.std().item() == pytest.approx(layer.weight.shape[1] ** -0.5, rel=0.05)
+        assert not layer.bias.any()
+        assert getattr(plain.model.connectors["video"], name).weight.std().item() == pytest.approx(0.02, rel=0.05)
+    torch.testing.assert_close(model.model.connectors["image"].linear_1.weight,
+                               plain.model.connectors["image"].linear_1.weight)  # fmt: skip
+    torch.testing.assert_close(model.model.encoders["video"].temporal_embed, plain.model.encoders["video"].temporal_embed)
+    tokens = torch.randn(3, 64, 64)
+    for connector in (model.model.connectors["video"], plain.model.connectors["video"]):
+        connector.norm = None  # the raw MLP output: how much of the input's scale gets through
+    with torch.no_grad():
+        gain_fan_in = model.model.connectors["video"](tokens).std().item() / tokens.mean(1).std().item()
+        gain_plain = plain.model.connectors["video"](tokens).std().item() / tokens.mean(1).std().item()
+    assert gain_fan_in > 10 * gain_plain

@@ -324,24 +324,30 @@ class UniMoEModel(UniMoEPreTrainedModel):
             context = self.encoders["series"].config.context_length if modality == "series" else None
             self.generation_heads[modality] = build_head(modality, spec, hidden_size=hidden, context_length=context)
         self.post_init()
-        self.init_encoders()
+        self.init_media_modules()
         self.apply_trainable_flags()
 
     @torch.no_grad()
-    def init_encoders(self) -> None:
-        """``init: fan_in`` in an encoder spec: LeCun-normal linear and convolution weights, zero biases (see
-        ``configuration_unimoe.ENCODER_INITS`` for why). Runs after ``post_init``; weights loaded from a checkpoint
-        or a ``pretrained`` file replace these values afterwards."""
-        for modality, encoder in self.encoders.items():
-            spec = self.config.encoders[modality]
-            if spec.get("init", "default") != "fan_in" or spec.get("pretrained"):
-                continue
-            for module in encoder.modules():
-                if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not module.weight.is_meta:
-                    # torch.nn.init, not transformers' init: post_init has marked these weights initialized
-                    nn.init.normal_(module.weight, mean=0.0, std=module.weight[0].numel() ** -0.5)
-                    if module.bias is not None:
-                        nn.init.zeros_(module.bias)
+    def init_media_modules(self) -> None:
+        """``init: fan_in`` in an encoder or connector spec: LeCun-normal linear and convolution weights, zero biases
+        (see ``configuration_unimoe.ENCODER_INITS`` for why). Runs after ``post_init``; weights loaded from a
+        checkpoint or a ``pretrained`` file replace these values afterwards."""
+        for modality in self.encoders:
+            for spec, module in (
+                (self.config.encoders[modality], self.encoders[modality]),
+                (self.config.connectors[modality], self.connectors[modality]),
+            ):
+                if spec.get("init", "default") == "fan_in" and not spec.get("pretrained"):
+                    self._fan_in_init(module)
+
+    @staticmethod
+    def _fan_in_init(root: nn.Module) -> None:
+        for module in root.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not module.weight.is_meta:
+                # torch.nn.init, not transformers' init: post_init has marked these weights initialized
+                nn.init.normal_(module.weight, mean=0.0, std=module.weight[0].numel() ** -0.5)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def apply_trainable_flags(self) -> None:
         """``trainable: false`` in an encoder or connector spec freezes that module."""
