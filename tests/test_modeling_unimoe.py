@@ -179,7 +179,8 @@ def test_fan_in_connector_init_passes_the_content_on():
         assert getattr(plain.model.connectors["video"], name).weight.std().item() == pytest.approx(0.02, rel=0.05)
     torch.testing.assert_close(model.model.connectors["image"].linear_1.weight,
                                plain.model.connectors["image"].linear_1.weight)  # fmt: skip
-    torch.testing.assert_close(model.model.encoders["video"].temporal_embed, plain.model.encoders["video"].temporal_embed)
+    torch.testing.assert_close(model.model.encoders["video"].image_encoder.vit.patch_embed.proj.weight,
+                               plain.model.encoders["video"].image_encoder.vit.patch_embed.proj.weight)  # fmt: skip
     tokens = torch.randn(3, 64, 64)
     for connector in (model.model.connectors["video"], plain.model.connectors["video"]):
         connector.norm = None  # the raw MLP output: how much of the input's scale gets through
