@@ -119,8 +119,8 @@ class RecipeConfig:
     name: str = "recipe"
     description: str = ""
     model: dict[str, Any] = field(default_factory=dict)  # {preset: tiny, overrides: {...}} or {checkpoint: DIR}
-    # {tasks: [...], weights: {task: w}, balance: modality | task | record}: the tasks to build, and the sampling
-    # every stage uses unless its own overrides set data.weights / data.balance
+    # a DataMix: the tasks to build, and the sampling (weights, balance, split) every stage uses unless its own
+    # overrides set data.<field>
     data: dict[str, Any] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)  # {stage: PRESET, overrides: {...}}
     eval: dict[str, Any] = field(default_factory=dict)  # {tasks: SUITE, batch_size: N, limit: N}
@@ -131,10 +131,7 @@ class RecipeConfig:
             raise ConfigError(f"recipe {self.name}: no stages")
         if not self.model:
             raise ConfigError(f"recipe {self.name}: model is required ({{preset: ...}} or {{checkpoint: ...}})")
-        unknown = sorted(set(self.data) - {"tasks", "weights", "balance"})
-        if unknown:
-            raise ConfigError(f"recipe {self.name}: data has unknown key(s) {unknown}; known: tasks, weights, balance")
-        config_from_dict(DataMix, self.data, where=f"recipe {self.name}: data")  # weights name tasks, balance known
+        config_from_dict(DataMix, self.data, where=f"recipe {self.name}: data")  # unknown keys, weights, balance
         self.stage_configs()
 
     def stage_configs(self) -> list[StageConfig]:

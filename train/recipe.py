@@ -77,8 +77,9 @@ def run_recipe(
             stage.data = {**stage.data, "tasks": tasks}
         if recipe.data.get("weights") and not stage.data_mix.weights:  # recipe-wide sampling weights
             stage.data = {**stage.data, "weights": dict(recipe.data["weights"])}
-        if "balance" in recipe.data and "balance" not in recipe.stages[i - 1].get("overrides", {}).get("data", {}):
-            stage.data = {**stage.data, "balance": recipe.data["balance"]}
+        overridden = recipe.stages[i - 1].get("overrides", {}).get("data", {})
+        shared = {k: v for k, v in recipe.data.items() if k not in ("tasks", "weights") and k not in overridden}
+        stage.data = {**stage.data, **shared}  # recipe-wide balance / split
         stage_dir = out / f"{i}-{stage.name}"
         if (stage_dir / "final" / "config.json").is_file():
             result = json.loads((stage_dir / "result.json").read_text())

@@ -40,7 +40,7 @@ def test_recipe_runs_every_step_and_applies_recipe_wide_sampling(tmp_path, train
 
 
 def test_recipe_data_section_is_validated(tmp_path):
-    with pytest.raises(ConfigError, match="unknown key.*'balanse'"):
+    with pytest.raises(ConfigError, match="unknown field.*'balanse'"):
         load_recipe(_write(tmp_path, {**RECIPE, "data": {**RECIPE["data"], "balanse": "task"}}))
     with pytest.raises(ConfigError, match="data.balance"):
         load_recipe(_write(tmp_path, {**RECIPE, "data": {**RECIPE["data"], "balance": "modalities"}}))
