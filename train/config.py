@@ -18,6 +18,9 @@ PARTS = (
     "embeddings", "lm_head", "attention", "norms", "dense_mlp", "routers", "experts", "experts_base",
     "shared_experts", "encoders", "connectors", "generation", "generation_vae",
 )  # fmt: skip
+#: Parts made of one module per modality: ``trainable`` takes a list of modalities for them, ``lr_multipliers`` a
+#: ``part.modality`` key.
+MODALITY_PARTS = ("encoders", "connectors", "generation")
 
 
 @dataclass
@@ -74,7 +77,8 @@ class StageConfig:
     moe: dict[str, Any] = field(default_factory=dict)  # overrides of the MoE loss coefficients etc.
     collapse_threshold: float = 0.9  # warn when one expert takes more than this share of a layer's slots
     # per-part learning-rate factors ({encoders: 5.0}): from-scratch encoders and connectors need a larger step than
-    # the decoder they feed, or the decoder learns to ignore their still-uninformative tokens (see the tiny recipe)
+    # the decoder they feed, or the decoder learns to ignore their still-uninformative tokens (see the tiny recipe).
+    # The per-modality parts also take one modality ({encoders.video: 0.25}), which wins over the part's factor.
     lr_multipliers: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,10 +94,13 @@ class StageConfig:
                 raise ConfigError(f"stage {self.name}: {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"stage {self.name}: lr must be > 0")
-        unknown = sorted(set(self.lr_multipliers) - set(PARTS) - {"lora"})
+        unknown = sorted(
+            k for k in self.lr_multipliers if k not in (*PARTS, "lora") and k.split(".", 1)[0] not in MODALITY_PARTS
+        )
         if unknown:
             raise ConfigError(
-                f"stage {self.name}: lr_multipliers has unknown part(s) {unknown}; parts: {', '.join(PARTS)}, lora"
+                f"stage {self.name}: lr_multipliers has unknown part(s) {unknown}; parts: {', '.join(PARTS)}, lora, "
+                f"or one modality of {', '.join(MODALITY_PARTS)} (encoders.video)"
             )
         for part, factor in self.lr_multipliers.items():
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:

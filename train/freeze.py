@@ -74,18 +74,34 @@ def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[s
 
 
 def param_groups(model: torch.nn.Module, lr: float, multipliers: dict[str, float]) -> list[dict[str, Any]]:
-    """The trainable parameters as optimizer groups, one per distinct learning rate: ``lr`` times the part's
-    multiplier (1 for parts not named). The group order is fixed (base rate first, then by part name), so a resumed
-    run's optimizer state lines up with the groups it was saved from."""
+    """The trainable parameters as optimizer groups, one per distinct learning rate: ``lr`` times the factor of the
+    parameter's modality (``encoders.video``) or else of its part (``encoders``), 1 where neither is named. The group
+    order is fixed (base rate first, then by key), so a resumed run's optimizer state lines up with the groups it
+    was saved from. A modality key naming no module of the model is an error (a typo would silently do nothing)."""
+    from unimoe.train.config import MODALITY_PARTS
+
     lora_experts = _lora_expert_modules(model)
-    by_part: dict[str, list[torch.nn.Parameter]] = {}
+    by_key: dict[str, list[torch.nn.Parameter]] = {}
+    seen_modality_keys = set()
     for name, param in model.named_parameters():
+        part = part_of(name, lora_experts)
+        key = part
+        if part in MODALITY_PARTS:  # model.{encoders,connectors,generation_heads}.<modality>.
+            modality_key = f"{part}.{name.removeprefix(PEFT_PREFIX).split('.')[2]}"
+            seen_modality_keys.add(modality_key)
+            if modality_key in multipliers:
+                key = modality_key
         if param.requires_grad:
-            by_part.setdefault(part_of(name, lora_experts), []).append(param)
-    base = [p for part, ps in by_part.items() if multipliers.get(part, 1.0) == 1.0 for p in ps]
+            by_key.setdefault(key, []).append(param)
+    unknown = sorted(k for k in multipliers if "." in k and k not in seen_modality_keys)
+    if unknown:
+        raise ConfigError(
+            f"lr_multipliers: {unknown} name no module of this model; it has {', '.join(sorted(seen_modality_keys))}"
+        )
+    base = [p for key, ps in by_key.items() if multipliers.get(key, 1.0) == 1.0 for p in ps]
     groups = [{"params": base, "lr": lr, "part": "base"}] if base else []
-    for part in sorted(by_part):
-        factor = multipliers.get(part, 1.0)
+    for key in sorted(by_key):
+        factor = multipliers.get(key, 1.0)
         if factor != 1.0:
-            groups.append({"params": by_part[part], "lr": lr * factor, "part": part})
+            groups.append({"params": by_key[key], "lr": lr * factor, "part": key})
     return groups
