@@ -219,6 +219,11 @@ def test_size_limit_and_bad_arrays(tmp_path):
         ({"image": {"image_size": 30, "patch_size": 8}}, "encoders.video.image.image_size"),
         ({"image": {"imgsize": 32}}, "encoders.video.image"),
         ({"image": "vit"}, "encoders.video.image"),
+        ({"temporal_kernel": 2}, "encoders.video.temporal_kernel"),
+        ({"temporal_kernel": -1}, "encoders.video.temporal_kernel"),
+        ({"temporal_kernel": True}, "encoders.video.temporal_kernel"),
+        ({"temporal_kernel": 3, "temporal_init": "ones"}, "encoders.video.temporal_init"),
+        ({"temporal_kernel": 1, "temporal_init": "difference"}, "encoders.video.temporal_init"),
     ],
 )
 def test_config_errors_name_the_field(kwargs, field):
@@ -273,6 +278,55 @@ def test_temporal_embedding_is_added_per_frame():
     torch.testing.assert_close(shifted - base, torch.arange(4.0).view(1, 4, 1, 1).expand_as(base))
 
 
+def test_temporal_mixing_starts_as_identity_or_frame_difference():
+    torch.manual_seed(0)
+    values = torch.randn(2, 4, 3, 32, 32)
+    plain = VideoEncoder(cfg()).eval()
+    zero = VideoEncoder(cfg(temporal_kernel=3)).eval()
+    diff = VideoEncoder(cfg(temporal_kernel=3, temporal_init="difference")).eval()
+    assert plain.temporal_mix is None and zero.temporal_mix.shape == (3, 3, 3) and zero.temporal_mix.abs().sum() == 0
+    for encoder in (zero, diff):
+        encoder.load_state_dict(plain.state_dict(), strict=False)  # same ViT; the mixing keeps its start
+    previous = torch.cat([torch.zeros_like(values[:, :1]), values[:, :-1]], dim=1)  # frame t-1 (zero before the first)
+    with torch.no_grad():
+        torch.testing.assert_close(zero(values), plain(values), rtol=0, atol=0)
+        # difference start: each frame becomes frame_t + (frame_t - frame_{t-1})
+        torch.testing.assert_close(diff(values), plain(2 * values - previous), rtol=1e-5, atol=1e-5)
+
+
+def test_temporal_mixing_sees_the_direction_of_motion_and_trains():
+    """A bright column moving right and the same frames played backwards (moving left) give identical per-frame
+    tokens up to frame order without the mixing; with the difference start the frame tokens differ."""
+    torch.manual_seed(0)
+    frames = torch.zeros(1, 4, 3, 32, 32)
+    for t in range(4):
+        frames[0, t, :, :, 8 + 4 * t : 12 + 4 * t] = 1.0
+    backwards = frames.flip(1)
+    plain = VideoEncoder(cfg()).eval()
+    diff = VideoEncoder(cfg(temporal_kernel=3, temporal_init="difference")).eval()
+    diff.load_state_dict(plain.state_dict(), strict=False)
+    with torch.no_grad():
+        # the last frame of the rightward clip is the first of the leftward one (same image)
+        torch.testing.assert_close(plain(frames).view(4, PATCHES, 64)[3], plain(backwards).view(4, PATCHES, 64)[0])
+        gap = (diff(frames).view(4, PATCHES, 64)[2] - diff(backwards).view(4, PATCHES, 64)[1]).abs().max()
+    assert gap > 0.1  # frame 2 forward and frame 1 backward show the same column, but their differences flip sign
+    diff.train()
+    diff(frames).square().mean().backward()
+    assert diff.temporal_mix.grad is not None and diff.temporal_mix.grad.abs().sum() > 0
+
+
+def test_model_init_keeps_the_temporal_mixing_start():
+    """Neither transformers' post_init nor `init: fan_in` may re-initialise the mixing (it is a bare parameter)."""
+    from unimoe.presets import build_model
+
+    model = build_model("tiny", {"encoders": {"video": {"temporal_kernel": 3, "temporal_init": "difference"}}})
+    mix = model.model.encoders["video"].temporal_mix.detach()
+    assert model.config.encoders["video"]["init"] == "fan_in"
+    expected = torch.zeros(3, 3, 3)
+    expected[range(3), range(3), 1], expected[range(3), range(3), 0] = 1.0, -1.0
+    torch.testing.assert_close(mix, expected, rtol=0, atol=0)
+
+
 def test_temporal_mean_mask_ignores_padded_frames():
     torch.manual_seed(0)
     encoder = VideoEncoder(cfg(pooling="temporal_mean")).eval()
@@ -317,6 +371,12 @@ def test_load_pretrained_whole_encoder_and_backbone(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(target.image_encoder(values[0]), source.image_encoder(values[0]), rtol=0, atol=0)
     assert target.temporal_embed.abs().sum() == 0
+
+    # a whole encoder saved without temporal mixing loads into one with it (the mixing keeps its start)
+    target = VideoEncoder(cfg(temporal_kernel=3, temporal_init="difference")).eval()
+    target.load_pretrained(whole)
+    torch.testing.assert_close(target.image_encoder.vit.pos_embed, source.image_encoder.vit.pos_embed, rtol=0, atol=0)
+    assert target.temporal_mix[0, 0].tolist() == [-1.0, 1.0, 0.0]
 
     # a video encoder with another frame count or backbone width does not match: a ConfigError, not a traceback
     with pytest.raises(ConfigError, match=r"video encoder pretrained: .*video\.safetensors.*temporal_embed"):

@@ -129,6 +129,28 @@ def test_lr_multipliers_make_one_group_per_rate(init_ckpt):
     assert [(g["part"], g["lr"]) for g in param_groups(model, 1e-3, {})] == [("base", 1e-3)]
 
 
+def test_lr_multiplier_of_one_modality_wins_over_its_part(init_ckpt):
+    from unimoe.hub import load_model
+
+    model = load_model(init_ckpt)
+    apply_trainable(model, {"attention": True, "encoders": True, "connectors": True})
+    groups = param_groups(model, 1e-3, {"encoders": 4.0, "encoders.video": 0.25, "connectors.image": 1.0})
+    assert [(g["part"], g["lr"]) for g in groups] == [("base", 1e-3), ("encoders", 4e-3), ("encoders.video", 2.5e-4)]
+    names = {id(p): n for n, p in model.named_parameters()}
+    video = {names[id(p)] for p in groups[2]["params"]}
+    assert video and all(n.startswith("model.encoders.video.") for n in video)
+    assert video == {n for n, p in model.named_parameters() if n.startswith("model.encoders.video.")}
+    assert not any(names[id(p)].startswith("model.encoders.video.") for p in groups[1]["params"])
+    with pytest.raises(ConfigError, match=r"lr_multipliers: \['encoders.vidoe'\] name no module"):
+        param_groups(model, 1e-3, {"encoders.vidoe": 0.5})
+
+
+def test_lr_multiplier_keys_are_checked_at_load():
+    assert load_stage("align", {"lr_multipliers": {"encoders.video": 0.25}}).lr_multipliers == {"encoders.video": 0.25}
+    with pytest.raises(ConfigError, match="lr_multipliers has unknown part"):
+        load_stage("align", {"lr_multipliers": {"attention.video": 2.0}})
+
+
 def test_stage_trains_with_lr_multipliers_and_logs_the_base_rate(init_ckpt, train_data, tmp_path):
     cfg = small("align", forced_expert=0, trainable={"attention": True, "encoders": True},
                 lr_multipliers={"encoders": 4.0}, warmup_steps=0, min_lr_ratio=1.0)  # fmt: skip
