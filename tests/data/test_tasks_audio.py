@@ -117,7 +117,8 @@ def test_records_are_valid_and_audio_loads(built, name):
                      if p["type"] == "audio"]  # fmt: skip
             assert len(audio) == 1 and audio[0]["path"].startswith("media/")  # relative to the task dir
             if name == "gen_speech_words":
-                assert plain["messages"][-1]["content"][0]["type"] == "audio"
+                text, audio_part = plain["messages"][-1]["content"]  # the word in text, then the audio
+                assert text == {"type": "text", "text": answer} and audio_part["type"] == "audio"
                 assert answer in plain["messages"][0]["content"][-1]["text"]
                 assert record["choices"][record["meta"]["label"]] == answer
             else:

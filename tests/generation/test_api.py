@@ -42,6 +42,31 @@ def test_the_model_decides_what_to_generate(gen_model, emits, tmp_path):
     assert [p.name for p in paths] == ["image_0.png"]
 
 
+def test_text_written_before_the_generation_token_is_kept_and_conditions_the_head(gen_model):
+    """Text-guided generation (the gen_speech_words records): the model writes the word, then the generation token;
+    the text comes back and the head's queries see it (the same noise gives a different clip than without it)."""
+    model, processor = gen_model
+    word = processor.tokenizer.encode("seven", add_special_tokens=False)[0]
+    gen = processor.gen_token_ids["audio"]
+    calls = []
+
+    def hook(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[..., word if not calls else gen] += 1e4  # first new token: the word; then the generation token
+        calls.append(1)
+        return logits
+
+    prompt = [{"role": "user", "content": "Say the word seven."}]
+    handle = model.lm_head.register_forward_hook(hook)
+    try:
+        out = model.generate_multimodal(processor, prompt, seed=0, num_inference_steps=2)
+    finally:
+        handle.remove()
+    assert out.text == processor.tokenizer.decode([word]).strip() and len(out.audio) == 1
+    direct = model.generate_multimodal(processor, prompt, output_modality="audio", seed=0, num_inference_steps=2)
+    assert not np.allclose(out.audio[0].waveform, direct.audio[0].waveform)
+
+
 def test_speech_and_forecasts_come_back_as_arrays(gen_model, tmp_path):
     model, processor = gen_model
     speech = model.generate_multimodal(processor, [{"role": "user", "content": "Say the word one."}],
