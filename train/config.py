@@ -80,6 +80,10 @@ class StageConfig:
     # the decoder they feed, or the decoder learns to ignore their still-uninformative tokens (see the tiny recipe).
     # The per-modality parts also take one modality ({encoders.video: 0.25}), which wins over the part's factor.
     lr_multipliers: dict[str, float] = field(default_factory=dict)
+    # parts (or one modality of a part: encoders.video) held frozen for the first N steps of the stage, then trained
+    # ({encoders: 600}): the decoder first learns to read the from-scratch encoders' random but item-dependent tokens
+    # before the encoders may adapt (see the tiny recipe's align stage and the README).
+    frozen_steps: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kind not in ("align", "specialize", "tune"):
@@ -105,6 +109,23 @@ class StageConfig:
         for part, factor in self.lr_multipliers.items():
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
                 raise ConfigError(f"stage {self.name}: lr_multipliers.{part} must be a number > 0, got {factor!r}")
+        unknown = sorted(k for k in self.frozen_steps if k not in PARTS and k.split(".", 1)[0] not in MODALITY_PARTS)
+        if unknown:
+            raise ConfigError(
+                f"stage {self.name}: frozen_steps has unknown part(s) {unknown}; parts: {', '.join(PARTS)}, or one "
+                f"modality of {', '.join(MODALITY_PARTS)} (encoders.video)"
+            )
+        for part, n in self.frozen_steps.items():
+            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.steps:
+                raise ConfigError(
+                    f"stage {self.name}: frozen_steps.{part} must be a whole number of steps in 0..{self.steps} "
+                    f"(the stage's steps), got {n!r}"
+                )
+            if not self.trainable.get(part.split(".", 1)[0]):
+                raise ConfigError(
+                    f"stage {self.name}: frozen_steps.{part}: the part {part.split('.', 1)[0]!r} is "
+                    "not trainable in this stage, so there is nothing to unfreeze"
+                )
         _ = self.data_mix, self.lora_spec  # validate the nested sections now
 
     @property

@@ -73,21 +73,44 @@ def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[s
     return counts
 
 
+def part_key(name: str, lora_expert_modules: frozenset[str] = frozenset()) -> tuple[str, str | None]:
+    """``(part, modality key)`` of a parameter: the modality key (``encoders.video``) for the per-modality parts,
+    else None."""
+    from unimoe.train.config import MODALITY_PARTS
+
+    part = part_of(name, lora_expert_modules)
+    if part in MODALITY_PARTS:  # model.{encoders,connectors,generation_heads}.<modality>.
+        return part, f"{part}.{name.removeprefix(PEFT_PREFIX).split('.')[2]}"
+    return part, None
+
+
+def params_by_key(model: torch.nn.Module, keys: set[str] | frozenset[str], *, where: str) -> dict[str, list]:
+    """The parameters each key names (a part, or one modality of a per-modality part: ``encoders.video``); a
+    modality key wins over its part's key. A key naming no parameter is an error (a typo would do nothing)."""
+    lora_experts = _lora_expert_modules(model)
+    out: dict[str, list[torch.nn.Parameter]] = {k: [] for k in keys}
+    for name, param in model.named_parameters():
+        part, modality_key = part_key(name, lora_experts)
+        key = modality_key if modality_key in keys else part
+        if key in keys:
+            out[key].append(param)
+    empty = sorted(k for k, ps in out.items() if not ps)
+    if empty:
+        raise ConfigError(f"{where}: {empty} name no parameter of this model")
+    return out
+
+
 def param_groups(model: torch.nn.Module, lr: float, multipliers: dict[str, float]) -> list[dict[str, Any]]:
     """The trainable parameters as optimizer groups, one per distinct learning rate: ``lr`` times the factor of the
     parameter's modality (``encoders.video``) or else of its part (``encoders``), 1 where neither is named. The group
     order is fixed (base rate first, then by key), so a resumed run's optimizer state lines up with the groups it
     was saved from. A modality key naming no module of the model is an error (a typo would silently do nothing)."""
-    from unimoe.train.config import MODALITY_PARTS
-
     lora_experts = _lora_expert_modules(model)
     by_key: dict[str, list[torch.nn.Parameter]] = {}
     seen_modality_keys = set()
     for name, param in model.named_parameters():
-        part = part_of(name, lora_experts)
-        key = part
-        if part in MODALITY_PARTS:  # model.{encoders,connectors,generation_heads}.<modality>.
-            modality_key = f"{part}.{name.removeprefix(PEFT_PREFIX).split('.')[2]}"
+        key, modality_key = part_key(name, lora_experts)
+        if modality_key is not None:
             seen_modality_keys.add(modality_key)
             if modality_key in multipliers:
                 key = modality_key

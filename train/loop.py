@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from unimoe.errors import CheckpointError, ConfigError
 from unimoe.train.config import StageConfig
 from unimoe.train.data import Collator, ScheduleDataset, TrainData
-from unimoe.train.freeze import apply_trainable, param_groups
+from unimoe.train.freeze import apply_trainable, param_groups, params_by_key
 
 STATE_FILE = "trainer_state.json"
 
@@ -228,15 +228,22 @@ def train_stage(
     unwrapped = accelerator.unwrap_model(model)
     core = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
 
-    def set_router_warmup(active: bool) -> None:
-        for name, p in unwrapped.named_parameters():
-            if p in trainable_set and ".mlp.router." not in name:
-                p.requires_grad_(not active)
-
+    # Parameters held frozen during the first steps: everything but the routers while they warm up
+    # (router_warmup_steps), and the parts named in frozen_steps. Re-evaluated only when a boundary is crossed.
     trainable_set = set(params)
-    in_warmup = stage.router_warmup_steps > start_step
-    if in_warmup:
-        set_router_warmup(True)
+    non_router = {p for name, p in unwrapped.named_parameters() if p in trainable_set and ".mlp.router." not in name}
+    held = [(stage.router_warmup_steps, non_router)] if stage.router_warmup_steps else []
+    keyed = params_by_key(unwrapped, set(stage.frozen_steps), where=f"stage {stage.name}: frozen_steps")
+    held += [(stage.frozen_steps[key], set(ps) & trainable_set) for key, ps in keyed.items() if stage.frozen_steps[key]]
+    boundaries = {n for n, _ in held}
+
+    def hold_until(current: int) -> None:
+        frozen = set().union(*(ps for n, ps in held if current < n)) if held else set()
+        for p in trainable_set:
+            p.requires_grad_(p not in frozen)
+
+    if held:
+        hold_until(start_step)
 
     step = start_step
     last_loss = float("nan")
@@ -268,9 +275,8 @@ def train_stage(
             tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
         core.update_router_biases()
         step += 1
-        if in_warmup and step >= stage.router_warmup_steps:
-            set_router_warmup(False)
-            in_warmup = False
+        if step in boundaries:
+            hold_until(step)
         loss = accelerator.reduce(outputs.loss.detach(), reduction="mean").item()
         last_loss = loss
         elapsed = time.perf_counter() - start

@@ -184,3 +184,43 @@ def test_lora_experts_base_stays_its_own_part_inside_peft():
     for name, p in wrapped.named_parameters():
         if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.down_proj")):
             assert not p.requires_grad, name
+
+
+def test_frozen_steps_are_checked_at_load():
+    cfg = load_stage("align", {"trainable": {"encoders": True}, "frozen_steps": {"encoders.image": 5}})
+    assert cfg.frozen_steps == {"encoders.image": 5}
+    with pytest.raises(ConfigError, match="frozen_steps has unknown part"):
+        load_stage("align", {"trainable": {"encoders": True}, "frozen_steps": {"wings": 5}})
+    with pytest.raises(ConfigError, match=r"frozen_steps.encoders must be a whole number of steps in 0..500"):
+        load_stage("align", {"trainable": {"encoders": True}, "frozen_steps": {"encoders": 501}})
+    with pytest.raises(ConfigError, match="frozen_steps.encoders: the part 'encoders' is not trainable"):
+        load_stage("align", {"frozen_steps": {"encoders": 5}})  # the align preset keeps encoders frozen
+
+
+def _weights_changed(before: dict, after_dir) -> set[str]:
+    after = load_file(str(after_dir / "final" / "model.safetensors"))
+    return {k for k, v in after.items() if not torch.equal(v, before[k])}
+
+
+@pytest.mark.parametrize("frozen_for", [3, 2])
+def test_frozen_steps_hold_a_part_then_train_it(frozen_for, init_ckpt, train_data, tmp_path):
+    before = load_file(str(init_ckpt / "model.safetensors"))
+    cfg = small("align", forced_expert=0, trainable={"attention": True, "encoders": True, "connectors": True},
+                frozen_steps={"encoders.image": frozen_for})  # fmt: skip
+    train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False)
+    changed = _weights_changed(before, tmp_path)
+    image_encoder = {k for k in before if k.startswith("model.encoders.image.")}
+    assert any(k.startswith("model.connectors.image.") for k in changed)  # the rest trains from step 1
+    assert any(".self_attn." in k for k in changed)
+    if frozen_for == 3:  # held for the whole stage: untouched (AdamW's decay skips parameters without gradient)
+        assert not changed & image_encoder
+    else:  # released after step 2: step 3 trains it
+        assert changed & image_encoder
+
+
+def test_router_warmup_trains_only_the_routers(init_ckpt, train_data, tmp_path):
+    before = load_file(str(init_ckpt / "model.safetensors"))
+    cfg = small("tune", router_warmup_steps=3, lora=None)
+    train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False)
+    changed = _weights_changed(before, tmp_path)
+    assert changed and all(".mlp.router." in k for k in changed), sorted(changed)[:5]
