@@ -72,6 +72,9 @@ def suite_average(results: dict) -> float:
 def short_recipe(path: Path, steps: int) -> Path:
     data = yaml.safe_load((ROOT / "configs" / "recipes" / "tiny.yaml").read_text())
     for stage in data["stages"]:
+        full = stage["overrides"].get("steps", steps)
+        held = stage["overrides"].get("frozen_steps", {})  # the same share of the shortened stage
+        stage["overrides"]["frozen_steps"] = {k: max(1, v * steps // full) for k, v in held.items()}
         stage["overrides"].update({"steps": steps, "save_every": max(steps // 4, 1), "warmup_steps": 5})
         stage["overrides"].pop("router_warmup_steps", None)
     data["eval"] = {"tasks": "tiny", "batch_size": 32, "limit": 64}
