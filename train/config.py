@@ -98,23 +98,11 @@ class StageConfig:
                 raise ConfigError(f"stage {self.name}: {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"stage {self.name}: lr must be > 0")
-        unknown = sorted(
-            k for k in self.lr_multipliers if k not in (*PARTS, "lora") and k.split(".", 1)[0] not in MODALITY_PARTS
-        )
-        if unknown:
-            raise ConfigError(
-                f"stage {self.name}: lr_multipliers has unknown part(s) {unknown}; parts: {', '.join(PARTS)}, lora, "
-                f"or one modality of {', '.join(MODALITY_PARTS)} (encoders.video)"
-            )
+        self._check_part_keys("lr_multipliers", self.lr_multipliers, extra=("lora",))
         for part, factor in self.lr_multipliers.items():
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
                 raise ConfigError(f"stage {self.name}: lr_multipliers.{part} must be a number > 0, got {factor!r}")
-        unknown = sorted(k for k in self.frozen_steps if k not in PARTS and k.split(".", 1)[0] not in MODALITY_PARTS)
-        if unknown:
-            raise ConfigError(
-                f"stage {self.name}: frozen_steps has unknown part(s) {unknown}; parts: {', '.join(PARTS)}, or one "
-                f"modality of {', '.join(MODALITY_PARTS)} (encoders.video)"
-            )
+        self._check_part_keys("frozen_steps", self.frozen_steps)
         for part, n in self.frozen_steps.items():
             if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.steps:
                 raise ConfigError(
@@ -127,6 +115,16 @@ class StageConfig:
                     "not trainable in this stage, so there is nothing to unfreeze"
                 )
         _ = self.data_mix, self.lora_spec  # validate the nested sections now
+
+    def _check_part_keys(self, field_name: str, keys, extra: tuple[str, ...] = ()) -> None:
+        """Keys of a per-part table: a part, one of ``extra``, or one modality of a per-modality part."""
+        unknown = sorted(k for k in keys if k not in (*PARTS, *extra) and k.split(".", 1)[0] not in MODALITY_PARTS)
+        if unknown:
+            names = ", ".join((*PARTS, *extra))
+            raise ConfigError(
+                f"stage {self.name}: {field_name} has unknown part(s) {unknown}; parts: {names}, "
+                f"or one modality of {', '.join(MODALITY_PARTS)} (encoders.video)"
+            )
 
     @property
     def data_mix(self) -> DataMix:

@@ -231,14 +231,18 @@ def train_stage(
     # Parameters held frozen during the first steps: everything but the routers while they warm up
     # (router_warmup_steps), and the parts named in frozen_steps. Re-evaluated only when a boundary is crossed.
     trainable_set = set(params)
-    non_router = {p for name, p in unwrapped.named_parameters() if p in trainable_set and ".mlp.router." not in name}
-    held = [(stage.router_warmup_steps, non_router)] if stage.router_warmup_steps else []
+    held = []
+    if stage.router_warmup_steps:
+        held.append(
+            (stage.router_warmup_steps,
+             {p for name, p in unwrapped.named_parameters() if p in trainable_set and ".mlp.router." not in name})
+        )  # fmt: skip
     keyed = params_by_key(unwrapped, set(stage.frozen_steps), where=f"stage {stage.name}: frozen_steps")
     held += [(stage.frozen_steps[key], set(ps) & trainable_set) for key, ps in keyed.items() if stage.frozen_steps[key]]
     boundaries = {n for n, _ in held}
 
     def hold_until(current: int) -> None:
-        frozen = set().union(*(ps for n, ps in held if current < n)) if held else set()
+        frozen = set().union(*(ps for n, ps in held if current < n))
         for p in trainable_set:
             p.requires_grad_(p not in frozen)
 
