@@ -215,9 +215,12 @@ def train_stage(
         accelerator.print(f"resuming {stage.name} from {ckpt} (step {start_step})")
 
     dataset = ScheduleDataset(data, schedule, start=start_step * stage.grad_accum * stage.batch_size)
+    # The loader gets its own generator: starting an iterator draws a seed from it, and from the global RNG without
+    # one — which would shift the random stream (router jitter, dropout, diffusion noise) of a resumed run by a draw.
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=stage.batch_size, shuffle=False, collate_fn=Collator(processor, forced_experts=forced)
-    )
+        dataset, batch_size=stage.batch_size, shuffle=False, collate_fn=Collator(processor, forced_experts=forced),
+        generator=torch.Generator().manual_seed(stage.seed),
+    )  # fmt: skip
     loader = accelerator.prepare(loader)
 
     if accelerator.is_main_process:

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
@@ -375,7 +376,9 @@ class UniMoEModel(UniMoEPreTrainedModel):
             count = is_query.long().cumsum(dim=1)
             before_run = torch.where(is_query, torch.zeros_like(count), count).cummax(dim=1).values
             slot = (count - before_run - 1).clamp(0, head.queries.shape[0] - 1)  # index within the run
-            queries = head.queries.to(inputs_embeds.dtype)[slot]  # (B, S, H)
+            # an embedding lookup, not ``queries[slot]``: the backward of advanced indexing accumulates with
+            # parallel float atomics on CPU (a different gradient in the last bit from run to run)
+            queries = F.embedding(slot, head.queries.to(inputs_embeds.dtype))  # (B, S, H)
             inputs_embeds = torch.where(is_query.unsqueeze(-1), queries, inputs_embeds)
         return inputs_embeds
 

@@ -291,3 +291,27 @@ def test_condition_states_add_the_prompt_before_each_query_run(tokenizer):
     prompt = [{"role": "user", "content": "Draw the digit three."}]
     result = model.generate_multimodal(processor, prompt, output_modality="image", seed=0, num_inference_steps=2)
     assert result.images and result.images[0].size == (32, 32)
+
+
+def test_query_embedding_gradient_is_reproducible(gen_model):
+    """The query slots' gradient must not depend on thread timing: advanced indexing's backward accumulated it with
+    parallel float atomics, so two identical runs drifted apart from the second training step."""
+    model, _ = gen_model
+    head = model.model.generation_heads["image"]
+    query = model.config.generation_token_ids["image"]["query"]
+    run = [query] * head.queries.shape[0] + [1, 2]
+    ids = torch.tensor(run * 20).repeat(32, 1)  # (32, 200): 20 query runs a row
+    embeds = torch.zeros(*ids.shape, head.queries.shape[1])
+    upstream = torch.randn(embeds.shape, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = set()
+        for _ in range(8):
+            head.queries.grad = None
+            (model.model.embed_queries(ids, embeds) * upstream).sum().backward()
+            grads.add(head.queries.grad.numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+        head.queries.grad = None
+    assert len(grads) == 1

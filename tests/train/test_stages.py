@@ -88,6 +88,21 @@ def test_resume_continues_exactly(init_ckpt, train_data, tmp_path):
         train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "part", data_root=train_data, resume=True, progress=False)
 
 
+def test_resume_replays_the_random_stream(init_ckpt, train_data, tmp_path):
+    """Router jitter and LoRA dropout draw from the global RNG every step: a resumed run must continue that stream
+    where the checkpoint left it (creating the data iterator draws a seed from it too)."""
+    cfg = small("tune", steps=4, save_every=2, router_warmup_steps=None, lora={"r": 4, "dropout": 0.3},
+                moe={"router_jitter": 0.3})  # fmt: skip
+    train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "full", data_root=train_data, progress=False)
+    train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "part", data_root=train_data, progress=False,
+                max_steps_this_run=2)  # fmt: skip
+    train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "part", data_root=train_data, resume=True, progress=False)
+    a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
+    changed = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not changed, f"{len(changed)} tensors differ after resume, e.g. {changed[:3]}"
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step-0000004").mkdir(parents=True)
