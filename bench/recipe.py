@@ -7,7 +7,7 @@
 * ``dense``     — ``unimoe run dense`` (same active parameters and budget): the MoE recipe should win on average;
 * ``baselines`` — ``bench/baselines.py`` on the same splits: the floor every task should beat;
 * ``kill``      — a shortened recipe killed with SIGKILL in the middle of a stage, restarted with ``--resume``,
-                  must end with the same final metrics as an uninterrupted run.
+                  must end with the same final metrics (and bitwise the same weights) as an uninterrupted run.
 
 Prints a table and writes JSON. Runs reuse ``--runs DIR/<name>`` when complete (delete them to re-measure).
 """
@@ -106,7 +106,20 @@ def kill_and_resume(runs: Path, data: Path, steps: int = 60) -> dict:
     a = json.loads((straight / "run.json").read_text())["results"]
     b = json.loads((killed / "run.json").read_text())["results"]
     same = all(abs(a[t][m] - b[t][m]) < 1e-6 for t in a for m in a[t])
-    return {"identical_final_metrics": same, "straight": a, "resumed": b}
+    return {"identical_final_metrics": same, "identical_weights": same_weights(straight, killed), "straight": a,
+            "resumed": b}  # fmt: skip
+
+
+def same_weights(run_a: Path, run_b: Path) -> dict[str, bool]:
+    """Per stage: are the two runs' final weights bitwise equal? (Training is deterministic on CPU: a resumed run
+    continues the same random stream, and no op accumulates with thread-order-dependent atomics.)"""
+    from safetensors.torch import load_file
+
+    out = {}
+    for stage in sorted(p.name for p in run_a.iterdir() if (p / "final" / "model.safetensors").is_file()):
+        a, b = (load_file(str(r / stage / "final" / "model.safetensors")) for r in (run_a, run_b))
+        out[stage] = a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+    return out
 
 
 def main() -> int:
@@ -166,7 +179,9 @@ def main() -> int:
                 print(f"  {s['name']:11} {s['steps']:5d} steps  {s['tokens_per_second']:8.0f} tok/s  "
                       f"peak {s['peak_memory_mb']:.0f} MB")  # fmt: skip
     if "kill_resume" in report:
-        print(f"kill -9 + --resume gives identical final metrics: {report['kill_resume']['identical_final_metrics']}")
+        kill = report["kill_resume"]
+        print(f"kill -9 + --resume gives identical final metrics: {kill['identical_final_metrics']}; "
+              f"bitwise-identical weights per stage: {kill.get('identical_weights')}")  # fmt: skip
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")
