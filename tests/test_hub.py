@@ -126,3 +126,25 @@ def test_weights_that_do_not_fit_the_config_are_one_clear_error(tiny_model, toke
     config_path.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="weights do not fit the model its config.json describes"):
         load_model(tmp_path / "ckpt")
+
+
+def test_reloaded_moe_blocks_rebuild_their_non_persistent_buffers(tmp_path):
+    """``modality_target`` and ``_load_since_update`` are not in the checkpoint: transformers builds the model on the
+    meta device, so a reload must recompute them (left as raw memory they sent the modality-routing loss toward
+    random experts)."""
+    from unimoe import build_model
+    from unimoe.moe import SparseMoEBlock
+
+    experts = {"text": [0], "image": [1], "audio": [2, 3]}
+    model = build_model("tiny", seed=0, moe={"modality_loss_coef": 0.1, "modality_experts": experts})
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    blocks = [m for m in loaded.modules() if isinstance(m, SparseMoEBlock)]
+    assert blocks
+    modalities = list(loaded.config.modalities)
+    want = torch.zeros(len(modalities), blocks[0].config.num_total_experts, dtype=torch.bool)
+    for name, ids in experts.items():
+        want[modalities.index(name), ids] = True
+    for block in blocks:
+        assert torch.equal(block.modality_target, want)
+        assert torch.equal(block._load_since_update, torch.zeros_like(block._load_since_update))

@@ -293,6 +293,9 @@ class UniMoEPreTrainedModel(PreTrainedModel):
                 init.zeros_(getattr(module, name))
         elif isinstance(module, SparseMoEBlock):
             init.zeros_(module.router_bias)
+            # non-persistent buffers: a model built on the meta device (from_pretrained) holds raw memory there
+            init.copy_(module.modality_target, module.modality_target_from_config())
+            init.zeros_(module._load_since_update)
 
 
 class UniMoEModel(UniMoEPreTrainedModel):

@@ -72,13 +72,19 @@ class SparseMoEBlock(nn.Module):
             if config.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(hidden_size, 1, bias=False)
 
-        target = torch.zeros(self.num_modalities, config.num_total_experts, dtype=torch.bool)
-        for name, experts in config.modality_experts.items():
-            if name in modalities:
-                target[modalities.index(name), experts] = True
-        self.register_buffer("modality_target", target, persistent=False)
+        self.modalities = list(modalities)
+        # Not saved: a reload rebuilds it from the config (UniMoEPreTrainedModel._init_weights)
+        self.register_buffer("modality_target", self.modality_target_from_config(), persistent=False)
         self.stats_sink: list[RouterStats] | None = None
         self._has_modality_targets = any(name in modalities for name in config.modality_experts)
+
+    def modality_target_from_config(self) -> torch.Tensor:
+        """``(M, E_total)`` bool: the experts ``moe.modality_experts`` assigns to each modality."""
+        target = torch.zeros(self.num_modalities, self.config.num_total_experts, dtype=torch.bool)
+        for name, experts in self.config.modality_experts.items():
+            if name in self.modalities:
+                target[self.modalities.index(name), experts] = True
+        return target
 
     def forward(
         self,
