@@ -90,9 +90,7 @@ def prepare_stage_model(model, stage: StageConfig):
         model.config.moe = new_cfg.to_dict()
         for block in model.modules():
             if isinstance(block, SparseMoEBlock):
-                block.config = new_cfg
-                block.modality_target.copy_(block.modality_target_from_config())  # the stage may reassign experts
-                block._has_modality_targets = any(name in block.modalities for name in new_cfg.modality_experts)
+                block.set_config(new_cfg)
     if stage.init_experts_from is not None:
         copy_expert_to_all(model, stage.init_experts_from)
     lora = stage.lora_spec

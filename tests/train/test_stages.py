@@ -103,6 +103,22 @@ def test_resume_replays_the_random_stream(init_ckpt, train_data, tmp_path):
     assert not changed, f"{len(changed)} tensors differ after resume, e.g. {changed[:3]}"
 
 
+def test_a_stages_moe_override_reaches_the_blocks(init_ckpt):
+    from unimoe.inference import load_pretrained
+    from unimoe.moe import SparseMoEBlock
+    from unimoe.train.loop import prepare_stage_model
+
+    model, _ = load_pretrained(init_ckpt)
+    stage = small("tune", moe={"modality_loss_coef": 0.1, "modality_experts": {"image": [2]}})
+    model, _ = prepare_stage_model(model, stage)
+    image = list(model.config.modalities).index("image")
+    blocks = [m for m in model.modules() if isinstance(m, SparseMoEBlock)]
+    assert blocks
+    for block in blocks:
+        assert block.config.modality_loss_coef == 0.1
+        assert block.modality_target.nonzero().tolist() == [[image, 2]]  # the checkpoint's assignment is replaced
+
+
 def test_half_written_checkpoints_are_ignored(tmp_path):
     root = tmp_path / "checkpoints"
     (root / "step-0000004").mkdir(parents=True)

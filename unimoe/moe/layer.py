@@ -78,6 +78,13 @@ class SparseMoEBlock(nn.Module):
         self.stats_sink: list[RouterStats] | None = None
         self._has_modality_targets = any(name in modalities for name in config.modality_experts)
 
+    def set_config(self, config: MoEConfig) -> None:
+        """Swap in another validated config of the same shape (a stage's loss coefficients, jitter, modality
+        experts); the modality-routing targets follow it."""
+        self.config = config
+        self.modality_target.copy_(self.modality_target_from_config())
+        self._has_modality_targets = any(name in self.modalities for name in config.modality_experts)
+
     def modality_target_from_config(self) -> torch.Tensor:
         """``(M, E_total)`` bool: the experts ``moe.modality_experts`` assigns to each modality."""
         target = torch.zeros(self.num_modalities, self.config.num_total_experts, dtype=torch.bool)
