@@ -74,9 +74,10 @@ class SparseMoEBlock(nn.Module):
 
         self.modalities = list(modalities)
         # Not saved: a reload rebuilds it from the config (UniMoEPreTrainedModel._init_weights)
-        self.register_buffer("modality_target", self.modality_target_from_config(), persistent=False)
+        target = torch.zeros(self.num_modalities, config.num_total_experts, dtype=torch.bool)
+        self.register_buffer("modality_target", target, persistent=False)
         self.stats_sink: list[RouterStats] | None = None
-        self._has_modality_targets = any(name in modalities for name in config.modality_experts)
+        self.set_config(config)  # fills modality_target and _has_modality_targets
 
     def set_config(self, config: MoEConfig) -> None:
         """Swap in another validated config of the same shape (a stage's loss coefficients, jitter, modality
