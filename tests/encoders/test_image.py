@@ -38,6 +38,27 @@ def test_forward_backward_shape_and_tokens():
     assert x.grad is not None and enc.vit.patch_embed.proj.weight.grad.abs().sum() > 0
 
 
+def test_conv_stem_keeps_the_token_grid_and_trains():
+    torch.manual_seed(0)
+    enc = build_encoder("image", {**TINY, "conv_stem": [8, 16, 32]})
+    convs = [m for m in enc.vit.patch_embed.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [c.stride for c in convs] == [(2, 2)] * 3 and [c.kernel_size for c in convs] == [(3, 3)] * 3
+    x = torch.randn(2, 3, 32, 32)
+    tokens = enc(x)
+    assert tokens.shape == (2, ImageEncoder.tokens_per_unit(enc.config), 32) == (2, 16, 32)
+    tokens.sum().backward()
+    assert all(c.weight.grad.abs().sum() > 0 for c in convs)
+    # a local stem: a pixel in the top-left corner reaches only the first patch's embedding (3 stacked 3x3 stride-2
+    # convolutions see 15 pixels), unlike the transformer's output, where every token sees it
+    with torch.no_grad():
+        y = x.clone()
+        y[:, :, 0, 0] += 5.0
+        embed = enc.vit.patch_embed
+        changed = (embed(y) - embed(x)).abs().amax(dim=(0, 2)) > 1e-6  # (16,) tokens
+        assert changed.tolist() == [True] + [False] * 15
+        assert ((enc(y) - enc(x)).abs().amax(dim=(0, 2)) > 1e-6).all()
+
+
 def test_select_layer_changes_the_output():
     torch.manual_seed(0)
     last = build_encoder("image", TINY)
@@ -125,6 +146,12 @@ def test_config_errors_name_the_field():
         ImageEncoderConfig(image_size=30, patch_size=8)
     with pytest.raises(ConfigError, match="encoders.image.backend"):
         ImageEncoderConfig(backend="keras")
+    with pytest.raises(ConfigError, match=r"encoders\.image\.conv_stem: 2 stride-2 convolutions .* patch_size is 8"):
+        ImageEncoderConfig(image_size=32, patch_size=8, conv_stem=[16, 32])
+    with pytest.raises(ConfigError, match="encoders.image.conv_stem: expected a list"):
+        ImageEncoderConfig(image_size=32, patch_size=8, conv_stem=[16, 0, 32])
+    with pytest.raises(ConfigError, match="encoders.image.conv_stem: only the timm backend"):
+        ImageEncoderConfig(backend="open_clip", image_size=32, patch_size=8, conv_stem=[16, 32, 64])
     with pytest.raises(ConfigError, match=r"encoders\.image: unknown field"):
         build_encoder("image", {**TINY, "colour": 1})
     with pytest.raises(ConfigError, match="encoders.image.type"):
