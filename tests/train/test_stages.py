@@ -142,6 +142,21 @@ def test_trainable_parts(init_ckpt):
         apply_trainable(model, {})
 
 
+def test_a_component_frozen_in_the_model_config_stays_frozen(init_ckpt):
+    from unimoe.hub import load_model
+
+    model = load_model(init_ckpt)
+    model.config.encoders["image"]["trainable"] = False  # e.g. a pretrained encoder kept frozen
+    model.config.connectors["audio"]["trainable"] = False
+    counts = apply_trainable(model, {"encoders": True, "connectors": True})
+    image = [p for n, p in model.named_parameters() if n.startswith("model.encoders.image.")]
+    audio = [p for n, p in model.named_parameters() if n.startswith("model.connectors.audio.")]
+    assert image and audio and not any(p.requires_grad for p in image + audio)
+    others = [p for n, p in model.named_parameters() if part_of(n) in ("encoders", "connectors")]
+    assert sum(counts.values()) == sum(p.numel() for p in others if p.requires_grad)
+    assert sum(p.numel() for p in others) - sum(counts.values()) == sum(p.numel() for p in image + audio)
+
+
 def test_lr_multipliers_make_one_group_per_rate(init_ckpt):
     from unimoe.hub import load_model
 
