@@ -54,16 +54,16 @@ def _lora_expert_modules(model: torch.nn.Module) -> frozenset[str]:
     return frozenset(n.removeprefix(PEFT_PREFIX) for n, m in model.named_modules() if isinstance(m, LoRAExperts))
 
 
-def _frozen_by_model_config(model: torch.nn.Module) -> set[tuple[str, str]]:
-    """``(part, modality)`` of the encoders and connectors the model config marks ``trainable: false`` (e.g. a
-    pretrained encoder kept frozen): no stage trains those, whatever its ``trainable`` says."""
+def _frozen_by_model_config(model: torch.nn.Module) -> set[str]:
+    """Modality keys (``encoders.image``) of the encoders and connectors the model config marks ``trainable: false``
+    (e.g. a pretrained encoder kept frozen): no stage trains those, whatever its ``trainable`` says."""
     config = getattr(model, "config", None)
-    frozen = set()
-    for part in ("encoders", "connectors"):
-        for modality, spec in (getattr(config, part, None) or {}).items():
-            if isinstance(spec, dict) and spec.get("trainable", True) is False:
-                frozen.add((part, modality))
-    return frozen
+    return {
+        f"{part}.{modality}"
+        for part in ("encoders", "connectors")
+        for modality, spec in (getattr(config, part, None) or {}).items()
+        if isinstance(spec, dict) and spec.get("trainable", True) is False
+    }
 
 
 def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[str, int]:
@@ -74,12 +74,11 @@ def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[s
     frozen = _frozen_by_model_config(model)
     counts: dict[str, int] = {}
     for name, param in model.named_parameters():
-        part = part_of(name, lora_experts)
+        part, modality_key = part_key(name, lora_experts)
         flag = True if part == "lora" else trainable.get(part, False)
-        modality = name.removeprefix(PEFT_PREFIX).split(".")[2] if part in ("encoders", "connectors") else None
         if isinstance(flag, (list, tuple)):  # per modality: model.{encoders,connectors,generation_heads}.<modality>.
-            flag = name.removeprefix(PEFT_PREFIX).split(".")[2] in flag
-        if (part, modality) in frozen:
+            flag = modality_key is not None and modality_key.split(".", 1)[1] in flag
+        if modality_key in frozen:
             flag = False
         param.requires_grad_(bool(flag))
         if flag:
