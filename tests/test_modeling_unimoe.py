@@ -188,3 +188,13 @@ def test_fan_in_connector_init_passes_the_content_on():
         gain_fan_in = model.model.connectors["video"](tokens).std().item() / tokens.mean(1).std().item()
         gain_plain = plain.model.connectors["video"](tokens).std().item() / tokens.mean(1).std().item()
     assert gain_fan_in > 10 * gain_plain
+
+
+def test_a_component_marked_not_trainable_is_built_frozen():
+    model = build_model("tiny", {"encoders.image.trainable": False, "connectors.audio.trainable": False})
+    assert model.config.frozen_components() == {"encoders.image", "connectors.audio"}
+    assert build_model("tiny").config.frozen_components() == set()
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
+    default = {n for n, p in build_model("tiny").named_parameters() if p.requires_grad}
+    frozen = {n for n in default if n.startswith(("model.encoders.image.", "model.connectors.audio."))}
+    assert frozen and trains == default - frozen

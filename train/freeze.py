@@ -54,24 +54,13 @@ def _lora_expert_modules(model: torch.nn.Module) -> frozenset[str]:
     return frozenset(n.removeprefix(PEFT_PREFIX) for n, m in model.named_modules() if isinstance(m, LoRAExperts))
 
 
-def _frozen_by_model_config(model: torch.nn.Module) -> set[str]:
-    """Modality keys (``encoders.image``) of the encoders and connectors the model config marks ``trainable: false``
-    (e.g. a pretrained encoder kept frozen): no stage trains those, whatever its ``trainable`` says."""
-    config = getattr(model, "config", None)
-    return {
-        f"{part}.{modality}"
-        for part in ("encoders", "connectors")
-        for modality, spec in (getattr(config, part, None) or {}).items()
-        if isinstance(spec, dict) and spec.get("trainable", True) is False
-    }
-
-
 def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[str, int]:
     """Set ``requires_grad`` per part. A part's value is a bool, or for ``encoders`` / ``connectors`` /
     ``generation`` a bool or a list of modalities. Parts not named are frozen, and so are the encoders and connectors
     that the model config marks ``trainable: false``. Returns trainable parameter counts per part."""
     lora_experts = _lora_expert_modules(model)
-    frozen = _frozen_by_model_config(model)
+    config = getattr(model, "config", None)  # a peft model forwards it
+    frozen = config.frozen_components() if hasattr(config, "frozen_components") else set()
     counts: dict[str, int] = {}
     for name, param in model.named_parameters():
         part, modality_key = part_key(name, lora_experts)

@@ -145,6 +145,16 @@ class UniMoEConfig(PreTrainedConfig):
         n = self.text_config.num_hidden_layers
         return [i for i in range(n) if self.moe_config.is_moe_layer(i, n)]
 
+    def frozen_components(self) -> set[str]:
+        """Keys (``encoders.image``, ``connectors.audio``) of the encoders and connectors whose spec says
+        ``trainable: false``: the model builds them frozen and no training stage unfreezes them."""
+        return {
+            f"{part}.{modality}"
+            for part in ("encoders", "connectors")
+            for modality, spec in getattr(self, part).items()
+            if not spec.get("trainable", True)
+        }
+
 
 COMPONENT_KEYS = ("trainable", "init")
 

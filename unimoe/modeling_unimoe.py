@@ -355,10 +355,11 @@ class UniMoEModel(UniMoEPreTrainedModel):
 
     def apply_trainable_flags(self) -> None:
         """``trainable: false`` in an encoder or connector spec freezes that module."""
-        for modality in self.encoders:
-            for table, modules in ((self.config.encoders, self.encoders), (self.config.connectors, self.connectors)):
-                if not table[modality].get("trainable", True):
-                    modules[modality].requires_grad_(False)
+        for key in self.config.frozen_components():
+            part, modality = key.split(".", 1)
+            modules = getattr(self, part)
+            if modality in modules:
+                modules[modality].requires_grad_(False)
 
     def modality_ids_from_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Media placeholders and generation query slots get their modality's id; everything else is text (0)."""
