@@ -12,6 +12,7 @@ import yaml
 from unimoe.config_utils import config_from_dict
 from unimoe.errors import ConfigError
 from unimoe.presets import apply_overrides
+from unimoe.train.augment import Augmenter
 
 #: The parts of a model whose ``requires_grad`` a stage sets (see :func:`unimoe.train.freeze.apply_trainable`).
 PARTS = (
@@ -32,6 +33,7 @@ class DataMix:
     split: str = "train"
     weights: dict[str, float] = field(default_factory=dict)
     balance: str = "modality"  # modality | task | record
+    augment: dict[str, dict[str, Any]] = field(default_factory=dict)  # modality -> its train/augment.py spec
 
     def __post_init__(self) -> None:
         if self.balance not in ("modality", "task", "record"):
@@ -39,6 +41,7 @@ class DataMix:
         unknown = sorted(set(self.weights) - set(self.tasks))
         if unknown:
             raise ConfigError(f"data.weights: {unknown} are not in data.tasks")
+        Augmenter(self.augment)  # validates every field now
 
 
 @dataclass

@@ -15,6 +15,7 @@ import torch
 from unimoe.data.build import read_marker, task_dir
 from unimoe.data.records import read_split
 from unimoe.errors import ConfigError
+from unimoe.train.augment import Augmenter
 from unimoe.train.config import DataMix
 
 
@@ -82,37 +83,57 @@ def training_record(record: dict[str, Any], generation: set[str] | frozenset[str
 
 
 class ScheduleDataset(torch.utils.data.Dataset):
-    """Item ``i`` is the ``i``-th scheduled (record, modality) from ``start`` on."""
+    """Item ``i`` is the ``i``-th scheduled (record, modality) from ``start`` on, with its index in the whole
+    schedule (what seeds its augmentation)."""
 
     def __init__(self, data: TrainData, schedule: np.ndarray, start: int = 0):
         self.data = data
         self.schedule = schedule[start:]
+        self.start = start
 
     def __len__(self) -> int:
         return len(self.schedule)
 
-    def __getitem__(self, i: int) -> tuple[dict[str, Any], str]:
+    def __getitem__(self, i: int) -> tuple[dict[str, Any], str, int]:
         task_id, record_id = self.schedule[i]
-        return self.data.item(int(task_id), int(record_id))
+        return (*self.data.item(int(task_id), int(record_id)), self.start + i)
 
 
 class Collator:
     """Records → model inputs with labels; in ``specialize`` stages also ``forced_experts`` from each sample's
-    modality (``moe.modality_experts``: every token of a sample goes to its modality's first expert)."""
+    modality (``moe.modality_experts``: every token of a sample goes to its modality's first expert). With an
+    ``augment`` table (``data.augment``) the media features of sample ``i`` of the schedule are augmented with a
+    generator seeded by ``(seed, i)``."""
 
-    def __init__(self, processor, *, forced_experts: dict[str, list[int]] | None = None):
+    def __init__(
+        self,
+        processor,
+        *,
+        forced_experts: dict[str, list[int]] | None = None,
+        augment: dict[str, dict[str, Any]] | None = None,
+        seed: int = 0,
+    ):
         self.processor = processor
         self.processor.enable_feature_cache()
         self.forced = forced_experts
+        self.augmenter = Augmenter(augment)
+        self.seed = seed
 
-    def __call__(self, items: list[tuple[dict[str, Any], str]]):
-        batch = self.processor([record["messages"] for record, _ in items], return_labels=True)
+    def __call__(self, items: list[tuple[dict[str, Any], str, int]]):
+        augment = None
+        if self.augmenter:
+            rngs = [np.random.default_rng((self.seed, index)) for _, _, index in items]
+
+            def augment(chat: int, modality: str, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                return self.augmenter(modality, features, rngs[chat])
+
+        batch = self.processor([record["messages"] for record, _, _ in items], return_labels=True, augment=augment)
         if self.forced is not None:
             ids = []
-            for _, modality in items:
+            for _, modality, _ in items:
                 if modality not in self.forced:
                     raise ConfigError(f"moe.modality_experts: no expert for modality {modality!r} (specialize stage)")
                 ids.append(self.forced[modality][0])
             batch["forced_experts"] = torch.tensor(ids).view(-1, 1).expand_as(batch["input_ids"]).contiguous()
-        batch["sample_modality"] = [m for _, m in items]
+        batch["sample_modality"] = [m for _, m, _ in items]
         return batch

@@ -217,8 +217,9 @@ def train_stage(
     dataset = ScheduleDataset(data, schedule, start=start_step * stage.grad_accum * stage.batch_size)
     # The loader gets its own generator: starting an iterator draws a seed from it, and from the global RNG without
     # one — which would shift the random stream (router jitter, dropout, diffusion noise) of a resumed run by a draw.
+    collator = Collator(processor, forced_experts=forced, augment=stage.data_mix.augment, seed=stage.seed)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=stage.batch_size, shuffle=False, collate_fn=Collator(processor, forced_experts=forced),
+        dataset, batch_size=stage.batch_size, shuffle=False, collate_fn=collator,
         generator=torch.Generator().manual_seed(stage.seed),
     )  # fmt: skip
     loader = accelerator.prepare(loader)

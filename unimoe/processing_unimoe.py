@@ -11,8 +11,9 @@ A message part is ``{"type": "text", "text": ...}`` or ``{"type": <modality>, "p
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -257,22 +258,31 @@ class UniMoEProcessor(ProcessorMixin):
         add_generation_prompt: bool = False,
         return_labels: bool = True,
         return_tensors: str = "pt",
+        augment: Callable[[int, str, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
         **kwargs: Any,
     ) -> BatchFeature:
         """One conversation (a list of messages) or a batch of them → ``input_ids``, ``attention_mask``,
-        ``modality_ids``, ``labels`` (assistant tokens only) and ``{modality}_values`` / ``{modality}_mask``."""
+        ``modality_ids``, ``labels`` (assistant tokens only) and ``{modality}_values`` / ``{modality}_mask``.
+        ``augment(conversation_index, modality, features)``, if given, returns the features a user media part is
+        encoded from (training-time augmentation, ``unimoe.train.augment``); it must not modify its input."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
         rows, media, targets = [], {}, {}
-        for chat in conversations:
+        for i, chat in enumerate(conversations):
+            hook = None if augment is None else functools.partial(augment, i)
             ids, labels = self._encode_chat(
-                list(chat), add_generation_prompt, media, targets if return_labels else None
+                list(chat), add_generation_prompt, media, targets if return_labels else None, hook
             )
             rows.append((ids, labels))
         return self._collate(rows, media, return_labels, targets)
 
     def _encode_chat(
-        self, chat: list[dict], add_generation_prompt: bool, media: dict[str, list], targets: dict[str, list] | None
+        self,
+        chat: list[dict],
+        add_generation_prompt: bool,
+        media: dict[str, list],
+        targets: dict[str, list] | None,
+        augment: Callable[[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
     ) -> tuple:
         """Token ids and labels of one conversation. User media parts fill their placeholders (``media``); assistant
         media parts are generation targets: the generation token (labelled) plus the head's query slots (not
@@ -328,6 +338,8 @@ class UniMoEProcessor(ProcessorMixin):
                 if part["type"] != modality:
                     raise MediaError(_part_source(part), f"media part of type {part['type']!r} has no placeholder")
                 features = self.load_part(part)
+                if augment is not None:
+                    features = augment(modality, features)
                 media.setdefault(modality, []).append(features)
                 n = self.num_media_tokens(modality, features)
                 out_ids += [token] * n
