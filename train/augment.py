@@ -9,16 +9,20 @@ inference never augment.
   a fraction ``U(crop, 1)`` of the observed steps, stretched back to their count by linear interpolation;
   ``jitter``: Gaussian noise with a standard deviation of ``jitter`` times each channel's own over its observed
   values. Scaling the amplitude is no augmentation here: the series encoder normalizes every item and channel.
+  Window slicing changes the time axis, so it is skipped on samples whose answer continues the input series
+  (forecasting: the stretched context would no longer lead into its target); jitter applies to them too.
 * ``image`` / ``video`` — ``shift``: a random translation of up to ``shift`` pixels (of the encoder's input size)
   along each axis, with the edge pixels repeated into the gap; a clip's frames all move together.
 
-Each modality's spec is a small dataclass with ``apply(features, rng)``; a new augmentation is a field and a few
-lines there, a new modality one more entry in :data:`AUGMENTATIONS`.
+Every spec takes ``tasks: [...]`` to augment only those tasks' samples (default: every task of the modality), e.g.
+``data.augment: {series: {crop: 0.9, tasks: [ts_classify]}}``. Each modality's spec is a small dataclass with
+``apply(features, rng, keep_time_axis)``; a new augmentation is a field and a few lines there, a new modality one more
+entry in :data:`AUGMENTATIONS`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
@@ -29,17 +33,27 @@ from unimoe.config_utils import config_from_dict
 from unimoe.errors import ConfigError
 
 
+def _check_tasks(modality: str, tasks: Any) -> None:
+    if not isinstance(tasks, list) or not all(isinstance(t, str) for t in tasks):
+        raise ConfigError(f"data.augment.{modality}.tasks: must be a list of task names, got {tasks!r}")
+
+
 @dataclass
 class SeriesAugment:
     crop: float = 1.0  # smallest fraction of the observed steps a window keeps (1 = off)
     jitter: float = 0.0  # noise std in units of each channel's std (0 = off)
+    tasks: list[str] = field(default_factory=list)  # only these tasks' samples (empty = every task)
 
     def __post_init__(self) -> None:
         _check_number("series.crop", self.crop, low=0.0, high=1.0, low_open=True)
         _check_number("series.jitter", self.jitter, low=0.0)
+        _check_tasks("series", self.tasks)
 
-    def apply(self, features: dict[str, torch.Tensor], rng: np.random.Generator) -> dict[str, torch.Tensor]:
-        """``{"values", "mask"}`` of shape ``(1, L, C)`` → new tensors of the same shape."""
+    def apply(
+        self, features: dict[str, torch.Tensor], rng: np.random.Generator, keep_time_axis: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """``{"values", "mask"}`` of shape ``(1, L, C)`` → new tensors of the same shape (no window slicing with
+        ``keep_time_axis``)."""
         values, mask = features["values"], features["mask"]
         observed = (mask > 0).any(dim=-1)[0].nonzero()  # (n_obs, 1) time steps with any observed channel
         if observed.numel() < 2:
@@ -47,7 +61,7 @@ class SeriesAugment:
         first, last = int(observed[0]), int(observed[-1]) + 1
         v, m = values[:, first:last], mask[:, first:last]  # (1, n, C)
         n = last - first
-        if self.crop < 1.0:
+        if self.crop < 1.0 and not keep_time_axis:
             keep = max(2, int(round(rng.uniform(self.crop, 1.0) * n)))
             start = int(rng.integers(0, n - keep + 1))
             # interpolate the masked values and the mask, then divide: missing steps do not leak zeros
@@ -71,13 +85,17 @@ class SeriesAugment:
 @dataclass
 class ImageAugment:
     shift: int = 0  # largest translation in pixels along each axis (0 = off)
+    tasks: list[str] = field(default_factory=list)  # only these tasks' samples (empty = every task)
     modality: ClassVar[str] = "image"
 
     def __post_init__(self) -> None:
         if isinstance(self.shift, bool) or not isinstance(self.shift, int) or self.shift < 0:
             raise ConfigError(f"data.augment.{self.modality}.shift: must be an integer >= 0, got {self.shift!r}")
+        _check_tasks(self.modality, self.tasks)
 
-    def apply(self, features: dict[str, torch.Tensor], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    def apply(
+        self, features: dict[str, torch.Tensor], rng: np.random.Generator, keep_time_axis: bool = False
+    ) -> dict[str, torch.Tensor]:
         """``{"values": (..., 3, S, S)}`` → the same shape, every image in it moved by one random offset."""
         if self.shift == 0:
             return features
@@ -134,7 +152,17 @@ class Augmenter:
         return bool(self.specs)
 
     def __call__(
-        self, modality: str, features: dict[str, torch.Tensor], rng: np.random.Generator
+        self,
+        modality: str,
+        features: dict[str, torch.Tensor],
+        rng: np.random.Generator,
+        *,
+        task: str | None = None,
+        keep_time_axis: bool = False,
     ) -> dict[str, torch.Tensor]:
+        """The augmented features of one media part of a sample of ``task``; ``keep_time_axis`` for samples whose
+        answer continues the input series."""
         spec = self.specs.get(modality)
-        return features if spec is None else spec.apply(features, rng)
+        if spec is None or (spec.tasks and task not in spec.tasks):
+            return features
+        return spec.apply(features, rng, keep_time_axis)

@@ -7,7 +7,7 @@ indices), so a resumed run sees exactly the batches an uninterrupted run would h
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -82,9 +82,27 @@ def training_record(record: dict[str, Any], generation: set[str] | frozenset[str
     return record if kinds <= set(generation) else None
 
 
+class Sample(NamedTuple):
+    """One scheduled training sample; ``index`` is its place in the stage's whole schedule (what seeds its
+    augmentation)."""
+
+    record: dict[str, Any]
+    modality: str
+    task: str
+    index: int
+
+
+def answers_with_series(record: dict[str, Any]) -> bool:
+    """Whether the record's answer continues its input series (forecasting): a series answer, or a numeric
+    ``target`` (a forecasting record trained as text by a model without a series head)."""
+    if isinstance(record.get("target"), list):
+        return True
+    content = record["messages"][-1].get("content")
+    return isinstance(content, list) and any(part.get("type") == "series" for part in content)
+
+
 class ScheduleDataset(torch.utils.data.Dataset):
-    """Item ``i`` is the ``i``-th scheduled (record, modality) from ``start`` on, with its index in the whole
-    schedule (what seeds its augmentation)."""
+    """Item ``i`` is the ``i``-th scheduled sample from ``start`` on."""
 
     def __init__(self, data: TrainData, schedule: np.ndarray, start: int = 0):
         self.data = data
@@ -94,16 +112,17 @@ class ScheduleDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.schedule)
 
-    def __getitem__(self, i: int) -> tuple[dict[str, Any], str, int]:
-        task_id, record_id = self.schedule[i]
-        return (*self.data.item(int(task_id), int(record_id)), self.start + i)
+    def __getitem__(self, i: int) -> Sample:
+        task_id, record_id = (int(v) for v in self.schedule[i])
+        record, modality = self.data.item(task_id, record_id)
+        return Sample(record, modality, self.data.tasks[task_id], self.start + i)
 
 
 class Collator:
     """Records → model inputs with labels; in ``specialize`` stages also ``forced_experts`` from each sample's
     modality (``moe.modality_experts``: every token of a sample goes to its modality's first expert). With an
     ``augment`` table (``data.augment``) the media features of sample ``i`` of the schedule are augmented with a
-    generator seeded by ``(seed, i)``."""
+    generator seeded by ``(seed, i)``, so a sample draws the same augmentation in whichever batch it lands."""
 
     def __init__(
         self,
@@ -119,21 +138,24 @@ class Collator:
         self.augmenter = Augmenter(augment)
         self.seed = seed
 
-    def __call__(self, items: list[tuple[dict[str, Any], str, int]]):
+    def __call__(self, items: list[Sample]):
         augment = None
         if self.augmenter:
-            rngs = [np.random.default_rng((self.seed, index)) for _, _, index in items]
+            rngs = [np.random.default_rng((self.seed, s.index)) for s in items]
 
             def augment(chat: int, modality: str, features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-                return self.augmenter(modality, features, rngs[chat])
+                sample = items[chat]
+                return self.augmenter(
+                    modality, features, rngs[chat], task=sample.task, keep_time_axis=answers_with_series(sample.record)
+                )
 
-        batch = self.processor([record["messages"] for record, _, _ in items], return_labels=True, augment=augment)
+        batch = self.processor([s.record["messages"] for s in items], return_labels=True, augment=augment)
         if self.forced is not None:
             ids = []
-            for _, modality, _ in items:
+            for modality in (s.modality for s in items):
                 if modality not in self.forced:
                     raise ConfigError(f"moe.modality_experts: no expert for modality {modality!r} (specialize stage)")
                 ids.append(self.forced[modality][0])
             batch["forced_experts"] = torch.tensor(ids).view(-1, 1).expand_as(batch["input_ids"]).contiguous()
-        batch["sample_modality"] = [m for _, m, _ in items]
+        batch["sample_modality"] = [s.modality for s in items]
         return batch

@@ -68,6 +68,34 @@ def test_series_jitter_scales_with_each_channels_spread_and_spares_padding():
     assert torch.count_nonzero(out["values"][0, :112]) == 0
 
 
+def test_series_crop_is_skipped_where_the_answer_continues_the_series():
+    f = series_features()
+    assert SeriesAugment(crop=0.5).apply(f, rng(), keep_time_axis=True)["values"].equal(f["values"])
+    jittered = SeriesAugment(crop=0.5, jitter=0.01).apply(f, rng(), keep_time_axis=True)["values"]
+    assert not jittered.equal(f["values"])  # the noise still applies
+    torch.testing.assert_close(jittered, f["values"], atol=1.0, rtol=0)
+
+
+def test_augmenter_applies_a_spec_to_its_tasks_only():
+    f = series_features()
+    aug = Augmenter({"series": {"jitter": 0.5, "tasks": ["ts_classify"]}})
+    assert aug("series", f, rng(), task="ts_forecast") is f
+    assert not aug("series", f, rng(), task="ts_classify")["values"].equal(f["values"])
+    assert aug("image", {"values": torch.ones(1, 3, 4, 4)}, rng(), task="ts_classify")["values"].equal(
+        torch.ones(1, 3, 4, 4)
+    )  # no spec for the modality
+
+
+def test_forecasting_records_are_recognized():
+    from unimoe.train.data import answers_with_series
+
+    question = {"role": "user", "content": [{"type": "series", "path": "x.npy"}, {"type": "text", "text": "next?"}]}
+    as_series = {"messages": [question, {"role": "assistant", "content": [{"type": "series", "values": [1.0]}]}]}
+    as_text = {"messages": [question, {"role": "assistant", "content": "1.0 2.0"}], "target": [1.0, 2.0]}
+    label = {"messages": [question, {"role": "assistant", "content": "walking"}]}
+    assert answers_with_series(as_series) and answers_with_series(as_text) and not answers_with_series(label)
+
+
 def test_series_with_one_observed_step_is_left_alone():
     f = series_features(length=1)
     out = SeriesAugment(crop=0.5, jitter=1.0).apply(f, rng())
@@ -120,6 +148,8 @@ def test_augmenter_names_the_bad_field():
         Augmenter({"video": {"shift": 1.5}})
     with pytest.raises(ConfigError, match=r"data.augment.image: unknown field\(s\) \['rotate'\]"):
         Augmenter({"image": {"rotate": 10}})
+    with pytest.raises(ConfigError, match="data.augment.series.tasks: must be a list of task names"):
+        Augmenter({"series": {"jitter": 0.1, "tasks": "ts_classify"}})
     # and through a stage config, at load
     with pytest.raises(ConfigError, match="data.augment.image.shift"):
         load_stage("align", {"data": {"tasks": ["digits_cls"], "augment": {"image": {"shift": -2}}}})
