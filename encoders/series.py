@@ -208,6 +208,16 @@ def fit_context(
     return nn.functional.pad(values, pad), nn.functional.pad(mask, pad)
 
 
+def observed_mean_std(values: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation over time of the observed entries: ``values (N, L, C)`` (finite), ``weight
+    (N, L, C)`` 1 = observed, 0 = missing → ``(mean, std, count)``, each ``(N, 1, C)`` (0 where nothing is
+    observed)."""
+    count = weight.sum(dim=1, keepdim=True)
+    loc = (values * weight).sum(dim=1, keepdim=True) / count.clamp_min(1)
+    var = ((values - loc).square() * weight).sum(dim=1, keepdim=True) / count.clamp_min(1)
+    return loc, var.sqrt(), count
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # network side
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,10 +302,7 @@ class TimeSeriesEncoder(MediaEncoder):
             observed = observed & (mask > 0)
         weight = observed.to(values.dtype)
         x = torch.where(observed, values, torch.zeros_like(values))
-        count = weight.sum(dim=1, keepdim=True)  # (N, 1, C)
-        loc = (x * weight).sum(dim=1, keepdim=True) / count.clamp_min(1)
-        var = ((x - loc).square() * weight).sum(dim=1, keepdim=True) / count.clamp_min(1)
-        scale = var.sqrt()
+        loc, scale, count = observed_mean_std(x, weight)
         scale = torch.where(scale == 0, loc.abs() + self.config.eps, scale)
         scale = torch.where(count == 0, torch.ones_like(scale), scale)
         normalized = (x - loc) / scale * weight

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from unimoe.config_utils import config_from_dict
+from unimoe.encoders.series import observed_mean_std
 from unimoe.errors import ConfigError
 
 
@@ -71,12 +72,9 @@ class SeriesAugment:
             m = (m_new > 0.5).to(m.dtype)
             v = torch.where(m > 0, vm / m_new.clamp_min(1e-6), torch.zeros_like(vm))
         if self.jitter > 0:
-            weight = m
-            count = weight.sum(dim=1, keepdim=True).clamp_min(1)
-            mean = (v * weight).sum(dim=1, keepdim=True) / count
-            std = (((v - mean) * weight).square().sum(dim=1, keepdim=True) / count).sqrt()
+            _, std, _ = observed_mean_std(v, m)  # (1, 1, C)
             noise = torch.from_numpy(rng.standard_normal(v.shape).astype(np.float32)).to(v.dtype)
-            v = v + noise * std * self.jitter * weight
+            v = v + noise * std * self.jitter * m
         values, mask = values.clone(), mask.clone()
         values[:, first:last], mask[:, first:last] = v, m
         return {**features, "values": values, "mask": mask}

@@ -118,10 +118,13 @@ def test_image_shift_moves_the_content_and_keeps_the_shape():
 
 
 def test_image_shift_repeats_the_edge_into_the_gap():
-    values = torch.arange(16.0).view(1, 1, 4, 4).expand(1, 3, 4, 4).contiguous()  # rows 0..3, 4..7, ...
+    values = torch.arange(1.0, 17.0).view(1, 1, 4, 4).expand(1, 3, 4, 4).contiguous()  # rows 1..4, 5..8, ...
+    moved = 0
     for seed in range(20):
         out = ImageAugment(shift=1).apply({"values": values}, rng(seed))["values"]
-        assert set(out.unique().tolist()) <= set(range(16))  # no zeros padded in: only pixels of the image
+        assert set(out.unique().tolist()) <= set(range(1, 17))  # no zeros padded in: only pixels of the image
+        moved += not out.equal(values)
+    assert moved > 10
 
 
 def test_video_shift_moves_every_frame_alike():
