@@ -33,6 +33,22 @@ def _train_text(data_root: Path, tasks: list[str]) -> list[str]:
     return texts
 
 
+def _check_data_seed(data_root: Path, tasks: list[str], seed: int) -> None:
+    """A recipe builds its data with its own seed. ``unimoe data build`` replaces a task built with another seed,
+    which would silently change the test splits that earlier runs in the same ``--data`` directory were scored on
+    (found when ``unimoe run tiny seed=1`` rebuilt the shared ``data/``): refuse instead, naming the way out."""
+    from unimoe.data.build import DataError, list_tasks, read_marker
+
+    for name in tasks or list_tasks():
+        marker = read_marker(data_root / name)
+        if marker is not None and marker.get("seed") != seed:
+            raise DataError(
+                f"{data_root / name}: built with seed {marker.get('seed')}, but the recipe's seed is {seed}; "
+                f"give this run its own --data directory (the suite is built there) or rebuild this one with "
+                f"`unimoe data build --out {data_root} --seed {seed}`"
+            )
+
+
 def run_recipe(
     recipe: RecipeConfig,
     out: str | Path,
@@ -56,6 +72,7 @@ def run_recipe(
     start = time.perf_counter()
 
     tasks = list(recipe.data.get("tasks", []))
+    _check_data_seed(data_root, tasks, recipe.seed)
     t0 = time.perf_counter()
     build_suite(data_root, tasks or None, seed=recipe.seed, progress=progress)
     timings["data"] = round(time.perf_counter() - t0, 1)

@@ -46,3 +46,15 @@ def test_recipe_data_section_is_validated(tmp_path):
         load_recipe(_write(tmp_path, {**RECIPE, "data": {**RECIPE["data"], "balance": "modalities"}}))
     with pytest.raises(ConfigError, match="data.weights"):
         load_recipe(_write(tmp_path, {**RECIPE, "data": {**RECIPE["data"], "weights": {"video_motion": 2}}}))
+
+
+def test_recipe_refuses_data_built_with_another_seed(tmp_path, train_data):
+    """A recipe with another seed must not replace the test splits that other runs in the same data directory used."""
+    from unimoe.data.build import DataError
+
+    marker = (train_data / "text_qa" / ".complete.json").read_text()
+    with pytest.raises(DataError, match=r"text_qa: built with seed 0, but the recipe's seed is 1.*--data"):
+        run_recipe(load_recipe(_write(tmp_path, {**RECIPE, "seed": 1})), tmp_path / "run", data_root=train_data,
+                   progress=False)  # fmt: skip
+    assert (train_data / "text_qa" / ".complete.json").read_text() == marker  # untouched
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
