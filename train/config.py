@@ -164,7 +164,10 @@ class RecipeConfig:
         self.stage_configs()
 
     def stage_configs(self) -> list[StageConfig]:
-        return [load_stage(s.get("stage", s.get("name")), s.get("overrides", {})) for s in self.stages]
+        """Each stage's config: its preset with its overrides; the recipe's seed unless a stage sets its own."""
+        return [
+            load_stage(s.get("stage", s.get("name")), {"seed": self.seed, **s.get("overrides", {})}) for s in self.stages
+        ]
 
 
 def _configs_dir(kind: str) -> Path:

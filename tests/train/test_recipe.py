@@ -58,3 +58,10 @@ def test_recipe_refuses_data_built_with_another_seed(tmp_path, train_data):
                    progress=False)  # fmt: skip
     assert (train_data / "text_qa" / ".complete.json").read_text() == marker  # untouched
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_recipe_seed_seeds_every_stage_unless_a_stage_sets_its_own():
+    stages = [RECIPE["stages"][0], {"stage": "tune", "overrides": {"steps": 2, "seed": 7}}]
+    recipe = load_recipe("tiny", {"seed": 3, "stages": stages})
+    assert [s.seed for s in recipe.stage_configs()] == [3, 7]
+    assert {s.seed for s in load_recipe("tiny").stage_configs()} == {0}
