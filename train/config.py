@@ -165,9 +165,8 @@ class RecipeConfig:
 
     def stage_configs(self) -> list[StageConfig]:
         """Each stage's config: its preset with its overrides; the recipe's seed unless a stage sets its own."""
-        return [
-            load_stage(s.get("stage", s.get("name")), {"seed": self.seed, **s.get("overrides", {})}) for s in self.stages
-        ]
+        stages = [(s.get("stage", s.get("name")), {"seed": self.seed, **s.get("overrides", {})}) for s in self.stages]
+        return [load_stage(name, overrides) for name, overrides in stages]
 
 
 def _configs_dir(kind: str) -> Path:
