@@ -140,12 +140,12 @@ def main() -> int:
     runs, data = Path(args.runs), Path(args.data)
     runs.mkdir(parents=True, exist_ok=True)
     report: dict = {"targets": TARGETS}
-    seed = [f"seed={args.seed}"] if args.seed is not None else []
+    seed_override = [f"seed={args.seed}"] if args.seed is not None else []
 
     if "tiny" in parts:
-        report["tiny"] = run_recipe("tiny", runs / "tiny", data, seed)
+        report["tiny"] = run_recipe("tiny", runs / "tiny", data, seed_override)
     if "dense" in parts:
-        report["dense"] = run_recipe("dense", runs / "dense", data, seed)
+        report["dense"] = run_recipe("dense", runs / "dense", data, seed_override)
     if "baselines" in parts:
         out = runs / "baselines.json"
         subprocess.run([sys.executable, str(ROOT / "bench" / "baselines.py"), "--data", str(data), "--json", str(out)],

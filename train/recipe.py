@@ -65,14 +65,14 @@ def run_recipe(
     from unimoe.train.loop import latest_checkpoint, train_stage
 
     out, data_root = Path(out), Path(data_root)
+    tasks = list(recipe.data.get("tasks", []))
+    _check_data_seed(data_root, tasks, recipe.seed)  # before anything is written
     if out.exists() and any(out.iterdir()) and not resume and not (out / "final").is_dir():
         raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     start = time.perf_counter()
 
-    tasks = list(recipe.data.get("tasks", []))
-    _check_data_seed(data_root, tasks, recipe.seed)
     t0 = time.perf_counter()
     build_suite(data_root, tasks or None, seed=recipe.seed, progress=progress)
     timings["data"] = round(time.perf_counter() - t0, 1)
