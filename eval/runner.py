@@ -4,7 +4,8 @@ For every task it loads the records, asks the model for predictions in batches (
 padding, log-likelihood over the choices, or a forecast), scores them with the task's metrics, and collects how
 each modality's tokens were routed. Results are written like lm-eval's: ``results.json``
 (``{"results": {task: {metric: value}}, ...}``), ``samples_<task>.jsonl`` (``id``, ``prediction``, ``target``,
-``score``), plus ``results.md`` and the expert-load report (``expert_load.md``, ``expert_load.png``).
+``score``), plus ``results.md``, the expert-load report (``expert_load.md``, ``expert_load.png``) and pictures of
+forecasts and generated media (``forecasts_<task>.png``, ``samples_<task>.png``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TaskResult:
     samples: list[dict[str, Any]] = field(default_factory=list)
     skipped: str | None = None
     seconds: float = 0.0
+    forecasts: list | None = None  # full forecasts (quantiles, context) of a forecasting head, for the plot
 
 
 def _batches(items: Sequence, size: int) -> Iterator[Sequence]:
@@ -102,13 +104,19 @@ def predict_multiple_choice(model, processor, records, *, batch_size: int, bar=N
     return [r["choices"][int(np.argmax(s))] for r, s in zip(records, scores)]
 
 
-def predict_forecast(model, processor, records, *, max_new_tokens: int, batch_size: int, bar=None) -> list[list[float]]:
-    """A forecasting head if the model has one, else numbers parsed from generated text (missing values repeat
-    the last parsed number, or 0 when none was produced)."""
+def predict_forecast(
+    model, processor, records, *, max_new_tokens: int, batch_size: int, bar=None
+) -> tuple[list[list[float]], list | None]:
+    """Point forecasts, plus the full forecasts (quantiles, context) when the model has a forecasting head; without
+    one, numbers parsed from generated text (missing values repeat the last parsed number, or 0 when none was
+    produced) and no full forecasts."""
     from unimoe.eval.metrics import parse_numbers
 
-    if hasattr(model, "forecast"):
-        return model.forecast(processor, records, batch_size=batch_size)
+    if hasattr(model, "forecast_outputs"):
+        forecasts = model.forecast_outputs(processor, records, batch_size=batch_size)
+        if bar is not None:
+            bar.update(len(records))
+        return [f.point.tolist() for f in forecasts], forecasts
     texts = predict_generate(model, processor, records, max_new_tokens=max_new_tokens, batch_size=batch_size, bar=bar)
     preds = []
     for text, record in zip(texts, records):
@@ -116,7 +124,7 @@ def predict_forecast(model, processor, records, *, max_new_tokens: int, batch_si
         values = parse_numbers(text, horizon)
         fill = values[-1] if values else 0.0
         preds.append((values + [fill] * horizon)[:horizon])
-    return preds
+    return preds, None
 
 
 @torch.no_grad()
@@ -141,9 +149,12 @@ def predict_generated_media(
         media_dir.mkdir(parents=True, exist_ok=True)
     answers: list[str] = []
     paths: list[str | None] = []
-    for n, batch in enumerate(_batches(records, batch_size)):
+    for start in range(0, len(records), batch_size):
+        batch = records[start : start + batch_size]
+        # one noise seed per prompt (its position): what a prompt gets does not depend on the batch size
+        seeds = list(range(start, start + len(batch)))
         outputs = model.generate_multimodal(
-            processor, [prompt_messages(r) for r in batch], max_new_tokens=spec.max_new_tokens, seed=n
+            processor, [prompt_messages(r) for r in batch], max_new_tokens=spec.max_new_tokens, seed=seeds
         )
         for record, out in zip(batch, outputs):
             item = (out.images if modality == "image" else out.audio)[:1]
@@ -210,7 +221,7 @@ def run_task(
     from unimoe.eval.metrics import METRICS, score
 
     start = time.perf_counter()
-    media_paths = None
+    media_paths = forecasts = None
     if spec.output in ("generate_image", "generate_audio"):
         heads = getattr(getattr(model, "model", None), "generation_heads", {})
         if ("image" if spec.output == "generate_image" else "audio") not in heads:
@@ -227,7 +238,7 @@ def run_task(
     elif spec.output == "multiple_choice":
         preds = predict_multiple_choice(model, processor, records, batch_size=batch_size, bar=bar)
     elif spec.output == "forecast":
-        preds = predict_forecast(
+        preds, forecasts = predict_forecast(
             model, processor, records, max_new_tokens=spec.max_new_tokens, batch_size=batch_size, bar=bar
         )
     bar.close()
@@ -248,7 +259,7 @@ def run_task(
         sample["media"] = path
     return TaskResult(
         name=spec.name, metrics=metrics, num_samples=len(records), samples=samples,
-        seconds=round(time.perf_counter() - start, 2),
+        seconds=round(time.perf_counter() - start, 2), forecasts=forecasts,
     )  # fmt: skip
 
 
@@ -270,13 +281,14 @@ def evaluate(
     model_name: str = "",
 ) -> dict[str, Any]:
     """Evaluate ``tasks`` and write the result files to ``out_dir``. Returns the ``results.json`` content."""
-    from unimoe.eval.report import write_reports
+    from unimoe.eval.report import task_pictures, write_reports
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
     loaded = [(spec, load_records(spec, data_root, limit)) for spec in tasks]  # fail early on missing data
     results: list[TaskResult] = []
+    pictures: dict[str, list[str]] = {}
     collector = ExpertLoadCollector(model)
     with collector:
         for spec, records in loaded:
@@ -287,6 +299,7 @@ def evaluate(
                 with (out_dir / f"samples_{spec.name}.jsonl").open("w") as f:
                     for sample in result.samples:
                         f.write(json.dumps(sample, ensure_ascii=False) + "\n")
+                pictures[spec.name] = task_pictures(spec, records, result, out_dir)
     expert_load = collector.per_modality(model.config.modalities)
     summary = {
         "results": {r.name: r.metrics for r in results if r.skipped is None},
@@ -297,6 +310,7 @@ def evaluate(
         "config": {"model": model_name, "batch_size": batch_size, "limit": limit, "data_root": str(data_root)},
         "versions": _versions(),
         "expert_load": {m: mat.round(4).tolist() for m, mat in expert_load.items()},
+        "pictures": {task: files for task, files in pictures.items() if files},
     }
     (out_dir / "results.json").write_text(json.dumps(summary, indent=2))
     write_reports(summary, out_dir, num_experts=model.config.moe_config.num_experts)

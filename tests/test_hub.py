@@ -83,6 +83,16 @@ def test_failed_save_keeps_previous_checkpoint(tiny_model, tokenizer, tmp_path, 
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary directory left behind
 
 
+def test_extra_files_go_inside_the_checkpoint_or_nowhere(tiny_model, tokenizer, tmp_path):
+    picture = tmp_path / "plot.png"
+    picture.write_bytes(b"not really a png")
+    path = save_checkpoint(tiny_model, tmp_path / "ckpt", tokenizer=tokenizer, extra_files={"images/p.png": picture})
+    assert (path / "images" / "p.png").read_bytes() == b"not really a png"
+    with pytest.raises(CheckpointError, match="outside the checkpoint"):
+        save_checkpoint(tiny_model, path, tokenizer=tokenizer, extra_files={"../escape.png": picture})
+    assert not (tmp_path / "escape.png").exists() and (path / "images" / "p.png").is_file()  # the old one is kept
+
+
 def test_push_offline_is_one_clear_error(tiny_model, tmp_path, monkeypatch):
     path = save_checkpoint(tiny_model, tmp_path / "ckpt")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

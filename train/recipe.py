@@ -59,7 +59,7 @@ def run_recipe(
 ) -> dict[str, Any]:
     from unimoe.data.build import build_suite
     from unimoe.eval import evaluate, resolve_tasks
-    from unimoe.eval.report import results_table
+    from unimoe.eval.report import picture_files, pictures_markdown, results_table
     from unimoe.hub import EvalScore, save_checkpoint
     from unimoe.inference import init_checkpoint, load_pretrained
     from unimoe.train.loop import latest_checkpoint, train_stage
@@ -135,12 +135,17 @@ def run_recipe(
         f"Trained by the `{recipe.name}` recipe: {recipe.description}\n\n"
         "| stage | steps | final loss | tokens/s | peak memory (MB) |\n|---|---|---|---|---|\n" + stage_lines
     )
+    pictures = {f"images/{name}": out / "eval" / name for name in picture_files(summary)}
+    if pictures:  # the evaluation's pictures travel with the checkpoint and show in its card
+        notes += "\n\n### Pictures from the evaluation\n\n" + pictures_markdown(summary, prefix="images/")
     save_checkpoint(model, out / "final", processor=processor, results=scores, model_name=f"unimoe-{recipe.name}",
-                    notes=notes)  # fmt: skip
+                    notes=notes, extra_files=pictures)  # fmt: skip
     timings["total"] = round(time.perf_counter() - start, 1)
     run = {"recipe": recipe.name, "stages": stage_results, "results": summary["results"], "timings_s": timings}
     (out / "run.json").write_text(json.dumps(run, indent=2))
     if progress:
         print(results_table(summary))
+        if pictures:
+            print(f"pictures: {out / 'eval'} ({', '.join(picture_files(summary))})")
         print(f"final checkpoint: {out / 'final'} ({timings['total']:.0f} s)")
     return run

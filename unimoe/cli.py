@@ -153,7 +153,7 @@ def cmd_data_build(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from unimoe.eval import evaluate, resolve_tasks
-    from unimoe.eval.report import results_table
+    from unimoe.eval.report import picture_files, results_table
     from unimoe.inference import load_pretrained
 
     _quiet_transformers()
@@ -170,6 +170,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model_name=str(args.model),
     )
     print(results_table(summary))
+    pictures = picture_files(summary)
+    if pictures:
+        print("pictures: " + ", ".join(f"{args.out}/{name}" for name in pictures))
     print(f"wrote {args.out}/results.json")
     return 0
 

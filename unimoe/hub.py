@@ -151,9 +151,12 @@ def save_checkpoint(
     model_name: str | None = None,
     notes: str = "",
     max_shard_size: str | int = "2GB",
+    extra_files: dict[str, str | Path] | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically: everything goes to a temporary sibling directory that replaces
-    ``out_dir`` only once it is complete, so a crash mid-save never leaves a half-written checkpoint."""
+    ``out_dir`` only once it is complete, so a crash mid-save never leaves a half-written checkpoint.
+    ``extra_files`` maps paths inside the checkpoint (e.g. ``images/expert_load.png``, which the card's ``notes``
+    can show) to files copied there."""
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
@@ -171,6 +174,12 @@ def save_checkpoint(
             tokenizer.save_pretrained(tmp)
         card = build_model_card(model, model_name=model_name or out_dir.name, results=results, notes=notes)
         card.save(tmp / "README.md")
+        for name, source in (extra_files or {}).items():
+            target = tmp / name
+            if tmp.resolve() not in target.resolve().parents:
+                raise CheckpointError(f"extra file {name!r} would be written outside the checkpoint")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
         _replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():

@@ -701,6 +701,13 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
 
         return forecast_records(self, processor, records, batch_size=batch_size)
 
+    def forecast_outputs(self, processor, records, *, batch_size: int = 16) -> list:
+        """Like :meth:`forecast`, with the quantiles and the context: one :class:`~unimoe.generation.Forecast` per
+        record (the evaluation plots them)."""
+        from unimoe.generation.api import forecast_outputs
+
+        return forecast_outputs(self, processor, records, batch_size=batch_size)
+
     # ------------------------------------------------------------------ checkpoints with diffusers subfolders
     def save_pretrained(self, save_directory, *args: Any, **kwargs: Any):
         """transformers' ``save_pretrained`` for everything but the diffusion decoders, which go to their own

@@ -1,4 +1,5 @@
-"""Pictures people expect from an MoE repository: routing heatmaps (layers x experts, per modality)."""
+"""Pictures people expect from an MoE repository: routing heatmaps (layers x experts, per modality), forecasts with
+their quantile bands, and generated images / speech laid out by what was asked for."""
 
 from __future__ import annotations
 
@@ -43,11 +44,7 @@ def routing_heatmap(
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def format_load_table(matrix: np.ndarray, *, num_experts: int) -> str:
@@ -57,3 +54,111 @@ def format_load_table(matrix: np.ndarray, *, num_experts: int) -> str:
     for i, row in enumerate(matrix):
         lines.append(f"| {i} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
     return "\n".join(lines)
+
+
+def forecast_grid(
+    forecasts: Sequence,
+    targets: Sequence[Sequence[float] | None],
+    titles: Sequence[str],
+    path: str | Path,
+    *,
+    history: int = 96,
+    cols: int = 4,
+    title: str = "Forecasts",
+) -> Path:
+    """One panel per :class:`~unimoe.generation.Forecast`: the last ``history`` steps of its context, the median
+    with the outer quantile band, and the actual values when known (step 0 = the first forecast step)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = max(1, min(cols, len(forecasts)))
+    rows = max(1, -(-len(forecasts) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.5 * rows), squeeze=False)
+    for ax, forecast, target, name in zip(axes.flat, forecasts, targets, titles):
+        context = np.asarray(forecast.context, dtype=float)[-history:]
+        ahead = np.arange(len(forecast.point))
+        ax.plot(np.arange(-len(context), 0), context, color="black", lw=0.8, label="history")
+        levels = sorted(forecast.quantiles)
+        if len(levels) >= 2:
+            ax.fill_between(ahead, forecast.quantiles[levels[0]], forecast.quantiles[levels[-1]], color="tab:blue",
+                            alpha=0.25, lw=0, label=f"q{levels[0]:g}–q{levels[-1]:g}")  # fmt: skip
+        ax.plot(ahead, forecast.point, color="tab:blue", lw=1.2, label="median")
+        if target is not None:
+            ax.plot(ahead[: len(target)], np.asarray(target, dtype=float)[: len(ahead)], color="tab:orange", lw=1.0,
+                    ls="--", label="actual")  # fmt: skip
+        ax.axvline(-0.5, color="grey", lw=0.5, ls=":")
+        ax.set_title(name, fontsize=8)
+        ax.tick_params(labelsize=6)
+    for ax in axes.flat[len(forecasts) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=6, loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def media_grid(
+    items: Sequence[tuple[str, str, str]],
+    path: str | Path,
+    *,
+    kind: str = "image",
+    columns: Sequence[str] | None = None,
+    per_column: int = 3,
+    title: str = "Generated",
+) -> Path:
+    """Generated media laid out by what was asked for. ``items`` are ``(file, requested, judged)``, where
+    ``judged`` is what a judge recognised in the file. One column per requested value (those in ``columns`` first,
+    in that order, then the rest sorted), up to ``per_column`` rows. Images are shown as they are, audio
+    (``kind="audio"``, a sound file) as a spectrogram. Titles are green when the judge recognised the requested
+    value, red with what it recognised instead when it did not."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_value: dict[str, list[tuple[str, str]]] = {}
+    for file, requested, judged in items:
+        by_value.setdefault(requested, []).append((file, judged))
+    order = [c for c in (columns or []) if c in by_value]
+    order += sorted(v for v in by_value if v not in order)
+    rows = max(1, min(per_column, max((len(v) for v in by_value.values()), default=1)))
+    width, height = (1.2, 1.4) if kind == "image" else (1.8, 1.4)
+    fig, axes = plt.subplots(rows, max(1, len(order)), figsize=(width * max(1, len(order)) + 0.4, height * rows + 0.5),
+                             squeeze=False)  # fmt: skip
+    for col, value in enumerate(order):
+        for row in range(rows):
+            ax = axes[row, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row >= len(by_value[value]):
+                ax.axis("off")
+                continue
+            file, judged = by_value[value][row]
+            if kind == "image":
+                from PIL import Image
+
+                with Image.open(file) as image:
+                    ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
+            else:
+                import soundfile as sf
+
+                wave, rate = sf.read(file, dtype="float32", always_2d=True)
+                ax.specgram(wave[:, 0], Fs=rate, NFFT=256, noverlap=192, cmap="magma")
+            correct = judged == value
+            ax.set_title(value if correct else f"{value} ({judged or 'nothing'}?)", fontsize=7,
+                         color="tab:green" if correct else "tab:red")  # fmt: skip
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -42,6 +42,24 @@ def test_the_model_decides_what_to_generate(gen_model, emits, tmp_path):
     assert [p.name for p in paths] == ["image_0.png"]
 
 
+def test_one_seed_per_conversation_makes_media_independent_of_the_batch(gen_model):
+    """The evaluation seeds each prompt by its position: a prompt's image must not depend on its batch mates."""
+    model, processor = gen_model
+    prompts = [[{"role": "user", "content": f"Draw the digit {w}."}] for w in ("two", "five", "eight")]
+    kwargs = {"output_modality": "image", "num_inference_steps": 2}
+    batched = model.generate_multimodal(processor, prompts, seed=[7, 8, 9], **kwargs)
+    alone = [model.generate_multimodal(processor, [p], seed=[s], **kwargs)[0] for p, s in zip(prompts, (7, 8, 9))]
+    for b, a in zip(batched, alone):
+        np.testing.assert_allclose(np.asarray(b.images[0], float), np.asarray(a.images[0], float), atol=1)
+    other = model.generate_multimodal(processor, prompts[:1], seed=[8], **kwargs)[0]
+    assert not np.array_equal(np.asarray(other.images[0]), np.asarray(alone[0].images[0]))  # the seed matters
+    # an int seed still draws one stream for the batch, as before: a single prompt gets the same as with [seed]
+    single = model.generate_multimodal(processor, prompts[0], seed=7, **kwargs)
+    assert np.array_equal(np.asarray(single.images[0]), np.asarray(alone[0].images[0]))
+    with pytest.raises(GenerationError, match="2 seeds for 3 conversations"):
+        model.generate_multimodal(processor, prompts, seed=[1, 2], **kwargs)
+
+
 def test_text_written_before_the_generation_token_is_kept_and_conditions_the_head(gen_model):
     """Text-guided generation (the gen_speech_words records): the model writes the word, then the generation token;
     the text comes back and the head's queries see it (the same noise gives a different clip than without it)."""

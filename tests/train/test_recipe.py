@@ -32,6 +32,10 @@ def test_recipe_runs_every_step_and_applies_recipe_wide_sampling(tmp_path, train
     assert (out / "final" / "config.json").is_file() and (out / "eval" / "results.json").is_file()
     card = (out / "final" / "README.md").read_text()
     assert "text_qa" in card and "| align | 2 |" in card
+    # the evaluation's pictures travel with the checkpoint and its card shows them
+    assert "![expert_load](images/expert_load.png)" in card
+    picture = (out / "eval" / "expert_load.png").read_bytes()
+    assert (out / "final" / "images" / "expert_load.png").read_bytes() == picture
     align = json.loads((out / "1-align" / "stage.json").read_text())["stage"]["data"]
     tune = json.loads((out / "2-tune" / "stage.json").read_text())["stage"]["data"]
     assert align["balance"] == "task" and align["weights"] == {"text_qa": 3, "digits_cls": 1}

@@ -51,7 +51,7 @@ def generate_multimodal(
     *,
     max_new_tokens: int = 64,
     temperature: float = 0.0,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
     forecast_horizon: int | None = None,
@@ -61,9 +61,10 @@ def generate_multimodal(
     """Answer one conversation (or a batch): ``MultimodalOutput(text, images, audio, forecasts)``.
 
     ``seed`` fixes text sampling and the diffusion noise (a saved and reloaded model then generates the identical
-    image); ``num_inference_steps`` / ``guidance_scale`` override the heads' defaults; ``forecast_horizon`` defaults
-    to "next N" in the last user turn, else the head's ``default_horizon``; ``streamer`` (batch of one) receives the
-    text as it is generated."""
+    image); a list gives each conversation its own diffusion noise, so its media do not depend on which other
+    conversations share the batch (text sampling uses the first seed). ``num_inference_steps`` /
+    ``guidance_scale`` override the heads' defaults; ``forecast_horizon`` defaults to "next N" in the last user
+    turn, else the head's ``default_horizon``; ``streamer`` (batch of one) receives the text as it is generated."""
     single = bool(messages) and isinstance(messages[0], dict)
     conversations = [list(messages)] if single else [list(c) for c in messages]
     if output_modality is not None:
@@ -72,8 +73,11 @@ def generate_multimodal(
     inputs = processor(conversations, add_generation_prompt=True, return_labels=False).to(model.device)
     prompt_ids = inputs["input_ids"]
     batch = prompt_ids.shape[0]
-    if seed is not None:
-        torch.manual_seed(seed)
+    seeds = None if seed is None else ([int(seed)] * batch if isinstance(seed, int) else [int(s) for s in seed])
+    if seeds is not None:
+        if len(seeds) != batch:
+            raise GenerationError(f"seed: got {len(seeds)} seeds for {batch} conversations (one per conversation)")
+        torch.manual_seed(seeds[0])
     gen_ids = {int(i): m for m, i in processor.gen_token_ids.items()}
 
     if output_modality is not None:
@@ -101,7 +105,12 @@ def generate_multimodal(
     for _, modality in requests:
         _require_head(model, modality)
     if requests:
-        generator = torch.Generator(device="cpu").manual_seed(seed) if seed is not None else None
+        if seeds is None:
+            generator = None
+        elif isinstance(seed, int):  # one stream for the batch, as before
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        else:
+            generator = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
         _generate_items(model, processor, inputs, new_tokens, requests, outputs, conversations, generator=generator,
                         steps=num_inference_steps, guidance=guidance_scale, horizon=forecast_horizon)  # fmt: skip
     return outputs[0] if single else outputs
@@ -154,7 +163,9 @@ def _generate_items(model, processor, inputs, new_tokens, requests, outputs, con
                 outputs[b].forecasts.append(Forecast(point=quantiles[0.5], quantiles=quantiles, context=context))
             continue
         states, mask = model.model.condition_states(input_ids, hidden, modality, attention_mask)
-        samples = head.sample(states, mask, num_inference_steps=steps, guidance_scale=guidance, generator=generator)
+        rows_generator = [generator[b] for b in batch_rows] if isinstance(generator, list) else generator
+        samples = head.sample(states, mask, num_inference_steps=steps, guidance_scale=guidance,
+                              generator=rows_generator)  # fmt: skip
         codec = MelCodec(head.config) if modality == "audio" else None
         for i, b in enumerate(batch_rows):
             if codec is None:
@@ -171,22 +182,26 @@ def _horizon_from_text(text: str, config) -> int:
     return h
 
 
-def forecast_records(model, processor, records: Sequence[dict], *, batch_size: int = 16) -> list[list[float]]:
-    """Point forecasts of evaluation records (prompt = messages before the answer; horizon = target length)."""
+def forecast_outputs(model, processor, records: Sequence[dict], *, batch_size: int = 16) -> list[Forecast]:
+    """Forecasts (median, quantiles, the context they continue) of evaluation records: prompt = messages before the
+    answer, horizon = target length (the head's ``max_horizon`` when a record has no target)."""
     from unimoe.data.records import prompt_messages
 
     _require_head(model, "series")
     max_h = model.model.generation_heads["series"].config.max_horizon
-    preds: list[list[float]] = []
+    forecasts: list[Forecast] = []
     for start in range(0, len(records), batch_size):
         chunk = records[start : start + batch_size]
         results = generate_multimodal(model, processor, [prompt_messages(r) for r in chunk], output_modality="series",
                                       forecast_horizon=max_h)  # fmt: skip
         for record, result in zip(chunk, results):
-            horizon = len(record.get("target") or []) or max_h
-            point = result.forecasts[0].point[:horizon].tolist()
-            preds.append(point + [point[-1]] * (horizon - len(point)))
-    return preds
+            forecasts.append(result.forecasts[0].fit_horizon(len(record.get("target") or []) or max_h))
+    return forecasts
 
 
-__all__ = ["GenerationError", "forecast_records", "generate_multimodal"]
+def forecast_records(model, processor, records: Sequence[dict], *, batch_size: int = 16) -> list[list[float]]:
+    """Point forecasts (the medians) of evaluation records; see :func:`forecast_outputs`."""
+    return [f.point.tolist() for f in forecast_outputs(model, processor, records, batch_size=batch_size)]
+
+
+__all__ = ["GenerationError", "forecast_outputs", "forecast_records", "generate_multimodal"]

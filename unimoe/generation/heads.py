@@ -137,10 +137,13 @@ class DiffusionHead(nn.Module):
         *,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
     ) -> torch.Tensor:
-        """``(n, T, H)`` states (+ ``mask (n, T)``; see :meth:`loss`) → ``(n, C, H', W')`` samples in [-1, 1]."""
+        """``(n, T, H)`` states (+ ``mask (n, T)``; see :meth:`loss`) → ``(n, C, H', W')`` samples in [-1, 1].
+        ``generator`` may be a list with one generator per item (diffusers' convention): each item's noise then
+        depends on its own generator only, not on the rest of the batch."""
         from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.utils.torch_utils import randn_tensor
 
         cfg = self.config
         steps = int(cfg.num_inference_steps if num_inference_steps is None else num_inference_steps)
@@ -157,7 +160,7 @@ class DiffusionHead(nn.Module):
                 mask = torch.cat([mask, torch.ones_like(mask)])
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=cfg.shift)
         scheduler.set_timesteps(steps, device=cond.device)  # required before every sampling loop
-        x = torch.randn((n, *self.latent_shape), generator=generator, device=cond.device, dtype=torch.float32)
+        x = randn_tensor((n, *self.latent_shape), generator=generator, device=cond.device, dtype=torch.float32)
         x = x.to(cond.dtype)
         for t in scheduler.timesteps:
             inp = torch.cat([x, x]) if guidance > 1.0 else x

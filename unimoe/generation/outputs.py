@@ -27,6 +27,17 @@ class Forecast:
     quantiles: dict[float, np.ndarray]  # level -> (h,)
     context: np.ndarray  # (L,) the observed history of the forecast channel
 
+    def fit_horizon(self, horizon: int) -> Forecast:
+        """This forecast cut to ``horizon`` steps, or extended by repeating its last step (a head whose
+        ``max_horizon`` is shorter than what a benchmark asks for)."""
+
+        def fit(values: np.ndarray) -> np.ndarray:
+            values = values[:horizon]
+            return np.concatenate([values, np.repeat(values[-1:], horizon - len(values))])
+
+        return Forecast(point=fit(self.point), quantiles={q: fit(v) for q, v in self.quantiles.items()},
+                        context=self.context)  # fmt: skip
+
     def save_csv(self, path: str | Path) -> Path:
         levels = sorted(self.quantiles)
         lines = ["step,point," + ",".join(f"q{level:g}" for level in levels)]
