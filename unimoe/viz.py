@@ -142,16 +142,26 @@ def media_grid(
                 with Image.open(file) as image:
                     ax.imshow(np.asarray(image.convert("RGB")), interpolation="nearest")
             else:
-                import soundfile as sf
-
-                wave, rate = sf.read(file, dtype="float32", always_2d=True)
-                ax.specgram(wave[:, 0], Fs=rate, NFFT=256, noverlap=192, cmap="magma")
+                ax.imshow(_log_mel(file), origin="lower", aspect="auto", cmap="magma", interpolation="nearest")
             correct = judged == value
             ax.set_title(value if correct else f"{value} ({judged or 'nothing'}?)", fontsize=7,
                          color="tab:green" if correct else "tab:red")  # fmt: skip
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def _log_mel(file: str | Path, n_mels: int = 40) -> np.ndarray:
+    """``(n_mels, frames)`` log-mel spectrogram of a sound file's first channel (10 ms hop): a coarse picture that
+    shows the words' shape and keeps the grid's PNG small (a full-resolution spectrogram of noise-like vocoder
+    output compresses badly)."""
+    import soundfile as sf
+    import torch
+    import torchaudio
+
+    wave, rate = sf.read(str(file), dtype="float32", always_2d=True)
+    mel = torchaudio.transforms.MelSpectrogram(rate, n_fft=512, hop_length=max(1, rate // 100), n_mels=n_mels)
+    return mel(torch.from_numpy(wave[:, 0].copy())).clamp_min(1e-8).log10().numpy()
 
 
 def _save(fig, path: str | Path) -> Path:
