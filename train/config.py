@@ -162,6 +162,24 @@ class RecipeConfig:
             raise ConfigError(f"recipe {self.name}: model is required ({{preset: ...}} or {{checkpoint: ...}})")
         config_from_dict(DataMix, self.data, where=f"recipe {self.name}: data")  # unknown keys, weights, balance
         self.stage_configs()
+        self._check_model()
+
+    def _check_model(self) -> None:
+        """The model section is validated with the rest, before a run builds data or writes anything: an impossible
+        preset override fails here, not after the data build."""
+        unknown = sorted(set(self.model) - {"preset", "overrides", "checkpoint"})
+        if unknown or ("preset" in self.model) == ("checkpoint" in self.model):
+            raise ConfigError(
+                f"recipe {self.name}: model: expected {{preset: NAME, overrides: {{...}}}} or {{checkpoint: DIR}}, "
+                f"got keys {sorted(self.model)}"
+            )
+        if "preset" in self.model:
+            from unimoe.presets import build_config
+
+            try:
+                build_config(self.model["preset"], self.model.get("overrides") or {})
+            except ConfigError as err:
+                raise ConfigError(f"recipe {self.name}: model: {err}") from None
 
     def stage_configs(self) -> list[StageConfig]:
         """Each stage's config: its preset with its overrides; the recipe's seed unless a stage sets its own."""

@@ -52,6 +52,16 @@ def test_recipe_data_section_is_validated(tmp_path):
         load_recipe(_write(tmp_path, {**RECIPE, "data": {**RECIPE["data"], "weights": {"video_motion": 2}}}))
 
 
+def test_recipe_model_section_is_validated_before_anything_runs(tmp_path):
+    bad = {**RECIPE, "model": {"preset": "tiny", "overrides": {"moe": {"num_experts": 2, "top_k": 3}}}}
+    with pytest.raises(ConfigError, match=r"recipe small: model: moe.top_k: top_k=3 must be between 1 and"):
+        load_recipe(_write(tmp_path, bad))
+    with pytest.raises(ConfigError, match="recipe small: model: expected"):
+        load_recipe(_write(tmp_path, {**RECIPE, "model": {"preset": "tiny", "checkpoint": "x"}}))
+    with pytest.raises(ConfigError, match="recipe small: model: unknown model preset 'nope'"):
+        load_recipe(_write(tmp_path, {**RECIPE, "model": {"preset": "nope"}}))
+
+
 def test_recipe_refuses_data_built_with_another_seed(tmp_path, train_data):
     """A recipe with another seed must not replace the test splits that other runs in the same data directory used."""
     from unimoe.data.build import DataError
