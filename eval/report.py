@@ -43,7 +43,7 @@ def task_pictures(spec, records: list[dict[str, Any]], result, out_dir: Path) ->
     if result.forecasts:
         metric = spec.metrics[0]
         picked = _spread([(r.get("meta") or {}).get("series", "") for r in records], FORECAST_PANELS)
-        titles = [f"{records[i].get('meta', {}).get('series', records[i]['id'])} · {metric} "
+        titles = [f"{(records[i].get('meta') or {}).get('series', records[i]['id'])} · {metric} "
                   f"{result.samples[i]['score']:.2f}" for i in picked]  # fmt: skip
         name = f"forecasts_{spec.name}.png"
         forecast_grid([result.forecasts[i] for i in picked], [records[i].get("target") for i in picked], titles,

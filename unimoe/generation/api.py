@@ -73,7 +73,8 @@ def generate_multimodal(
     inputs = processor(conversations, add_generation_prompt=True, return_labels=False).to(model.device)
     prompt_ids = inputs["input_ids"]
     batch = prompt_ids.shape[0]
-    seeds = None if seed is None else ([int(seed)] * batch if isinstance(seed, int) else [int(s) for s in seed])
+    per_conversation = isinstance(seed, Sequence)
+    seeds = None if seed is None else ([int(s) for s in seed] if per_conversation else [int(seed)] * batch)
     if seeds is not None:
         if len(seeds) != batch:
             raise GenerationError(f"seed: got {len(seeds)} seeds for {batch} conversations (one per conversation)")
@@ -107,10 +108,10 @@ def generate_multimodal(
     if requests:
         if seeds is None:
             generator = None
-        elif isinstance(seed, int):  # one stream for the batch, as before
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-        else:
+        elif per_conversation:
             generator = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+        else:  # one stream for the whole batch
+            generator = torch.Generator(device="cpu").manual_seed(seeds[0])
         _generate_items(model, processor, inputs, new_tokens, requests, outputs, conversations, generator=generator,
                         steps=num_inference_steps, guidance=guidance_scale, horizon=forecast_horizon)  # fmt: skip
     return outputs[0] if single else outputs
