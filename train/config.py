@@ -41,6 +41,12 @@ class DataMix:
         unknown = sorted(set(self.weights) - set(self.tasks))
         if unknown:
             raise ConfigError(f"data.weights: {unknown} are not in data.tasks")
+        for task, weight in self.weights.items():
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+                raise ConfigError(
+                    f"data.weights.{task}: must be a positive number, got {weight!r} (leave the task out of "
+                    f"data.tasks to skip it)"
+                )
         Augmenter(self.augment)  # validates every field now
 
 
@@ -163,6 +169,23 @@ class RecipeConfig:
         config_from_dict(DataMix, self.data, where=f"recipe {self.name}: data")  # unknown keys, weights, balance
         self.stage_configs()
         self._check_model()
+        self._check_eval()
+
+    def _check_eval(self) -> None:
+        """The evaluation section too: an unknown key or task fails at load, not after the training."""
+        unknown = sorted(set(self.eval) - {"tasks", "batch_size", "limit"})
+        if unknown:
+            raise ConfigError(f"recipe {self.name}: eval: unknown key(s) {unknown}; allowed: batch_size, limit, tasks")
+        for key in ("batch_size", "limit"):
+            value = self.eval.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"recipe {self.name}: eval.{key}: must be a positive integer, got {value!r}")
+        from unimoe.eval import resolve_tasks
+
+        try:
+            resolve_tasks(self.eval.get("tasks", "tiny"))
+        except ConfigError as err:
+            raise ConfigError(f"recipe {self.name}: eval.tasks: {str(err).removeprefix('--tasks: ')}") from None
 
     def _check_model(self) -> None:
         """The model section is validated with the rest, before a run builds data or writes anything: an impossible

@@ -50,6 +50,21 @@ def test_recipe_data_section_is_validated(tmp_path):
         load_recipe(_write(tmp_path, {**RECIPE, "data": {**RECIPE["data"], "balance": "modalities"}}))
     with pytest.raises(ConfigError, match="data.weights"):
         load_recipe(_write(tmp_path, {**RECIPE, "data": {**RECIPE["data"], "weights": {"video_motion": 2}}}))
+    with pytest.raises(ConfigError, match=r"data.weights.text_qa: must be a positive number, got -1"):
+        load_recipe(_write(tmp_path, {**RECIPE, "data": {**RECIPE["data"], "weights": {"text_qa": -1}}}))
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"tasks": "bogus"}, r"recipe small: eval.tasks: unknown task or suite 'bogus'"),
+        ({"tasks": "text_qa", "limt": 3}, r"recipe small: eval: unknown key\(s\) \['limt'\]"),
+        ({"tasks": "text_qa", "batch_size": 0}, r"recipe small: eval.batch_size: must be a positive integer, got 0"),
+    ],
+)
+def test_recipe_eval_section_is_validated_at_load(tmp_path, section, message):
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(_write(tmp_path, {**RECIPE, "eval": section}))
 
 
 def test_recipe_model_section_is_validated_before_anything_runs(tmp_path):
