@@ -73,7 +73,7 @@ class StageConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0: no clipping
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     seed: int = 0
     log_every: int = 10
@@ -107,6 +107,19 @@ class StageConfig:
                 raise ConfigError(f"stage {self.name}: {name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"stage {self.name}: lr must be > 0")
+        for name in ("warmup_steps", "save_every", "router_warmup_steps", "max_grad_norm"):  # 0 = off
+            if getattr(self, name) is not None and getattr(self, name) < 0:  # None: off too
+                raise ConfigError(f"stage {self.name}: {name} must be >= 0 (0 = off), got {getattr(self, name)}")
+        for name in ("log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"stage {self.name}: {name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"stage {self.name}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.collapse_threshold <= 1.0:
+            raise ConfigError(f"stage {self.name}: collapse_threshold must be in (0, 1], got {self.collapse_threshold}")
+        for name in ("forced_expert", "init_experts_from"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ConfigError(f"stage {self.name}: {name} must be an expert id >= 0, got {getattr(self, name)}")
         self._check_part_keys("lr_multipliers", self.lr_multipliers, extra=("lora",))
         for part, factor in self.lr_multipliers.items():
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:

@@ -62,8 +62,11 @@ def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[s
     config = getattr(model, "config", None)  # a peft model forwards it
     frozen = config.frozen_components() if hasattr(config, "frozen_components") else set()
     counts: dict[str, int] = {}
+    seen_modality_keys: set[str] = set()
     for name, param in model.named_parameters():
         part, modality_key = part_key(name, lora_experts)
+        if modality_key is not None:
+            seen_modality_keys.add(modality_key)
         flag = True if part == "lora" else trainable.get(part, False)
         if isinstance(flag, (list, tuple)):  # per modality: model.{encoders,connectors,generation_heads}.<modality>.
             flag = modality_key is not None and modality_key.split(".", 1)[1] in flag
@@ -72,6 +75,12 @@ def apply_trainable(model: torch.nn.Module, trainable: dict[str, Any]) -> dict[s
         param.requires_grad_(bool(flag))
         if flag:
             counts[part] = counts.get(part, 0) + param.numel()
+    for part, value in trainable.items():  # a listed modality the model lacks would silently train nothing
+        if isinstance(value, (list, tuple)):
+            unknown = [m for m in value if f"{part}.{m}" not in seen_modality_keys]
+            if unknown:
+                has = sorted(k.split(".", 1)[1] for k in seen_modality_keys if k.startswith(f"{part}."))
+                raise ConfigError(f"trainable.{part}: {unknown} name no module of this model; it has {has}")
     if not counts:
         raise ConfigError(f"trainable {trainable} leaves nothing to train")
     return counts

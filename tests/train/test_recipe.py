@@ -55,6 +55,23 @@ def test_recipe_data_section_is_validated(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"warmup_steps": -3}, "warmup_steps must be >= 0"),
+        ({"max_grad_norm": -1}, "max_grad_norm must be >= 0"),
+        ({"log_every": 0}, "log_every must be >= 1"),
+        ({"min_lr_ratio": 2}, r"min_lr_ratio must be in \[0, 1\]"),
+        ({"forced_expert": -1}, "forced_expert must be an expert id >= 0"),
+    ],
+)
+def test_impossible_stage_numbers_fail_at_load(overrides, message):
+    from unimoe.train.config import load_stage
+
+    with pytest.raises(ConfigError, match=f"stage align: {message}"):
+        load_stage("align", overrides)
+
+
+@pytest.mark.parametrize(
     ("section", "message"),
     [
         ({"tasks": "bogus"}, r"recipe small: eval.tasks: unknown task or suite 'bogus'"),

@@ -140,6 +140,8 @@ def test_trainable_parts(init_ckpt):
         assert p.requires_grad == (part_of(name) == "routers" or name.startswith("model.encoders.image."))
     with pytest.raises(ConfigError, match="nothing to train"):
         apply_trainable(model, {})
+    with pytest.raises(ConfigError, match=r"trainable.encoders: \['smell'\] name no module of this model; it has"):
+        apply_trainable(model, {"routers": True, "encoders": ["image", "smell"]})
 
 
 def test_a_component_frozen_in_the_model_config_stays_frozen(init_ckpt):
