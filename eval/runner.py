@@ -281,8 +281,13 @@ def evaluate(
     model_name: str = "",
 ) -> dict[str, Any]:
     """Evaluate ``tasks`` and write the result files to ``out_dir``. Returns the ``results.json`` content."""
+    from unimoe.errors import ConfigError
     from unimoe.eval.report import task_pictures, write_reports
 
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"evaluate: batch_size must be an integer >= 1, got {batch_size!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ConfigError(f"evaluate: limit must be None (every example) or an integer >= 1, got {limit!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval()

@@ -233,6 +233,28 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a batch size, a count of steps or examples)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0 (a sampling temperature; 0 = greedy)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="unimoe", description="Unified multimodal Mixture-of-Experts LLMs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -250,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert-type", choices=["lora", "ffn"], default="ffn")
     p.add_argument("--shared-experts", type=int, default=0)
     p.add_argument("--moe-layers", type=_int_list, default=None, help="comma-separated layer indices (default: all)")
-    p.add_argument("--moe-layer-freq", type=int, default=1, help="MoE on every n-th layer")
-    p.add_argument("--lora-rank", type=int, default=None)
+    p.add_argument("--moe-layer-freq", type=_positive_int, default=1, help="MoE on every n-th layer")
+    p.add_argument("--lora-rank", type=_positive_int, default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--set", nargs="*", default=[], metavar="moe.KEY=VALUE", help="other MoE settings")
     p.set_defaults(func=cmd_upcycle)
@@ -275,13 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--file", action="append", default=[], help="a media file (repeatable)")
     p.add_argument("--modality", default=None, help="override the modality guessed from the file suffix")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=_non_negative_float, default=0.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-dir", default=None, help="write generated images / audio / forecasts here")
     p.add_argument("--output", choices=["image", "audio", "series"], default=None,
                    help="ask for this medium instead of letting the model decide")  # fmt: skip
-    p.add_argument("--steps", type=int, default=None, help="diffusion sampling steps (default: the head's)")
+    p.add_argument("--steps", type=_positive_int, default=None, help="diffusion sampling steps (default: the head's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
     p.set_defaults(func=cmd_chat)
 
@@ -299,8 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", required=True, help="comma-separated tasks / suites (all, tiny, ...) or READER:PATH")
     p.add_argument("--out", required=True, help="output directory for results.json, samples_*.jsonl, reports")
     p.add_argument("--data", default="data", help="directory of the built suite (default: ./data)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--limit", type=int, default=None, help="at most N examples per task")
+    p.add_argument("--batch-size", type=_positive_int, default=8)
+    p.add_argument("--limit", type=_positive_int, default=None, help="at most N examples per task")
     p.add_argument("--split", default=None, help="split for READER:PATH tasks (default: the reader's own)")
     p.set_defaults(func=cmd_eval)
 
@@ -311,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="stage output directory (checkpoints/, final/, train_log.jsonl)")
     p.add_argument("--data", default="data", help="directory of the built suite")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--nproc", type=int, default=1, help="processes (torchrun; gloo on CPU)")
+    p.add_argument("--nproc", type=_positive_int, default=1, help="processes (torchrun; gloo on CPU)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="run a whole recipe: data, stages, evaluation, final checkpoint")
@@ -331,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("smoke", help="in seconds: build, briefly train, save and reload the tiny model")
     p.add_argument("--out", default="runs/smoke")
-    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--steps", type=_positive_int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_smoke)
     return parser

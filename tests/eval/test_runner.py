@@ -117,6 +117,10 @@ def test_bad_requests_fail_clearly(model_and_processor, data_root, tmp_path):
     model, processor = model_and_processor
     with pytest.raises(ConfigError, match="unknown task or suite 'nope'"):
         resolve_tasks("nope")
+    with pytest.raises(ConfigError, match="batch_size must be an integer >= 1, got 0"):
+        evaluate(model, processor, toy_specs()[:1], out_dir=tmp_path, data_root=data_root, batch_size=0)
+    with pytest.raises(ConfigError, match="limit must be None"):
+        evaluate(model, processor, toy_specs()[:1], out_dir=tmp_path, data_root=data_root, limit=0)
     with pytest.raises(DataError, match="does not exist"):
         evaluate(model, processor, toy_specs()[:1], out_dir=tmp_path, data_root=tmp_path / "missing")
     with pytest.raises(DataError, match="missing or incomplete"):
@@ -138,6 +142,10 @@ def test_cli_errors_are_one_line(tmp_path, data_root, capsys):
     assert main(["eval", str(tmp_path), "--tasks", "bogus", "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown task or suite 'bogus'" in err[0]
+    for flag, value, message in [("--batch-size", "0", "must be >= 1, got 0"), ("--limit", "x", "expected an integer")]:
+        with pytest.raises(SystemExit) as exit_info:  # argparse: usage + one error line, exit status 2
+            main(["eval", str(tmp_path), "--tasks", "text_qa", "--out", str(tmp_path / "o"), flag, value])
+        assert exit_info.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
     assert main(["data", "build", "--out", str(tmp_path / "d"), "--tasks", "nope"]) == 2
     assert "unknown task" in capsys.readouterr().err
     with pytest.raises(CheckpointError):
