@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -304,7 +305,10 @@ def evaluate(
                 with (out_dir / f"samples_{spec.name}.jsonl").open("w") as f:
                     for sample in result.samples:
                         f.write(json.dumps(sample, ensure_ascii=False) + "\n")
-                pictures[spec.name] = task_pictures(spec, records, result, out_dir)
+                try:
+                    pictures[spec.name] = task_pictures(spec, records, result, out_dir)
+                except Exception as err:  # a picture must never cost the scores: they are written below
+                    warnings.warn(f"eval {spec.name}: pictures not drawn ({type(err).__name__}: {err})", stacklevel=2)
     expert_load = collector.per_modality(model.config.modalities)
     summary = {
         "results": {r.name: r.metrics for r in results if r.skipped is None},

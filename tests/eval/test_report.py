@@ -79,3 +79,18 @@ def test_forecasts_are_plotted_and_listed(gen_model, forecast_root, tmp_path):
     result = run_task(model, processor, spec, records, batch_size=3, progress=False)
     assert [f.point.tolist() for f in result.forecasts] == [s["prediction"] for s in result.samples]
     assert all(len(f.point) == 6 and set(f.quantiles) == {0.1, 0.5, 0.9} for f in result.forecasts)
+
+
+def test_a_failing_picture_costs_no_scores(gen_model, forecast_root, tmp_path, monkeypatch):
+    import unimoe.eval.report as report
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(report, "forecast_grid", broken)
+    model, processor = gen_model
+    spec = TaskSpec(name="toy_fc", data="toy_forecast", output="forecast", metrics=["mase"])
+    with pytest.warns(UserWarning, match="eval toy_fc: pictures not drawn .RuntimeError: no display"):
+        summary = evaluate(model, processor, [spec], out_dir=tmp_path, data_root=forecast_root, progress=False)
+    assert "mase" in json.loads((tmp_path / "results.json").read_text())["results"]["toy_fc"]
+    assert summary["pictures"] == {} and not (tmp_path / "forecasts_toy_fc.png").exists()
