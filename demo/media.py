@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -89,28 +88,15 @@ def forecast_figure(context: np.ndarray, point: np.ndarray, quantiles: Mapping[f
     """The context, the point forecast after it, and the widest quantile band (e.g. 10 %-90 %) shaded."""
     from matplotlib.figure import Figure
 
-    context = np.asarray(context, dtype=np.float32).reshape(-1)
-    point = np.asarray(point, dtype=np.float32).reshape(-1)
-    steps = np.arange(len(context), len(context) + len(point))
+    from unimoe.viz import draw_forecast
+
     fig = Figure(figsize=(6, 2.8), tight_layout=True)
     ax = fig.add_subplot()
-    ax.plot(np.arange(len(context)), context, color="tab:blue", linewidth=1.2, label="context")
-    ax.plot(steps, point, color="tab:orange", linewidth=1.5, label="forecast")
-    levels = sorted(float(q) for q in (quantiles or {}))
-    if len(levels) >= 2:
-        low = np.asarray(quantiles[_key(quantiles, levels[0])], dtype=np.float32).reshape(-1)
-        high = np.asarray(quantiles[_key(quantiles, levels[-1])], dtype=np.float32).reshape(-1)
-        ax.fill_between(steps, low, high, color="tab:orange", alpha=0.25, label=f"{levels[0]:g}-{levels[-1]:g}")
-    ax.axvline(len(context) - 0.5, color="grey", linestyle=":", linewidth=1)
+    draw_forecast(ax, context, point, quantiles, lw=1.2)
     ax.legend(fontsize=7, loc="upper left")
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     return fig
-
-
-def _key(mapping: Mapping[Any, Any], level: float) -> Any:
-    """The mapping's own key for a quantile level (keys may be floats or strings such as ``"0.1"``)."""
-    return next(k for k in mapping if float(k) == level)
 
 
 def routing_summary(matrices: Mapping[str, np.ndarray], *, num_experts: int) -> str:

@@ -3,8 +3,9 @@ their quantile bands, and generated images / speech laid out by what was asked f
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,37 @@ def format_load_table(matrix: np.ndarray, *, num_experts: int) -> str:
     return "\n".join(lines)
 
 
+def draw_forecast(
+    ax,
+    context: Sequence[float],
+    point: Sequence[float],
+    quantiles: Mapping[Any, Sequence[float]] | None = None,
+    target: Sequence[float] | None = None,
+    *,
+    history: int | None = None,
+    lw: float = 1.0,
+) -> None:
+    """One forecast on a matplotlib axis: the context (its last ``history`` steps) at steps -L..-1, then from step 0
+    the median, the outermost quantile band and the actual values when known. ``quantiles`` keys are levels, as
+    numbers or strings (``"0.1"``: a forecast that went through JSON). The one drawing used by the evaluation's grid,
+    :meth:`Forecast.plot <unimoe.generation.Forecast.plot>` and the demo."""
+    context = np.asarray(context, dtype=float).reshape(-1)[-history if history else 0 :]
+    point = np.asarray(point, dtype=float).reshape(-1)
+    ahead = np.arange(len(point))
+    ax.plot(np.arange(-len(context), 0), context, color="black", lw=lw, label="history")
+    levels = {float(k): k for k in (quantiles or {})}
+    if len(levels) >= 2:
+        low, high = min(levels), max(levels)
+        ax.fill_between(ahead, np.asarray(quantiles[levels[low]], dtype=float).reshape(-1),
+                        np.asarray(quantiles[levels[high]], dtype=float).reshape(-1), color="tab:blue", alpha=0.25,
+                        lw=0, label=f"q{low:g}–q{high:g}")  # fmt: skip
+    ax.plot(ahead, point, color="tab:blue", lw=1.5 * lw, label="median")
+    if target is not None:
+        target = np.asarray(target, dtype=float).reshape(-1)[: len(point)]
+        ax.plot(ahead[: len(target)], target, color="tab:orange", lw=lw, ls="--", label="actual")
+    ax.axvline(-0.5, color="grey", lw=0.5, ls=":")
+
+
 def forecast_grid(
     forecasts: Sequence,
     targets: Sequence[Sequence[float] | None],
@@ -77,18 +109,7 @@ def forecast_grid(
     rows = max(1, -(-len(forecasts) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.5 * rows), squeeze=False)
     for ax, forecast, target, name in zip(axes.flat, forecasts, targets, titles):
-        context = np.asarray(forecast.context, dtype=float)[-history:]
-        ahead = np.arange(len(forecast.point))
-        ax.plot(np.arange(-len(context), 0), context, color="black", lw=0.8, label="history")
-        levels = sorted(forecast.quantiles)
-        if len(levels) >= 2:
-            ax.fill_between(ahead, forecast.quantiles[levels[0]], forecast.quantiles[levels[-1]], color="tab:blue",
-                            alpha=0.25, lw=0, label=f"q{levels[0]:g}–q{levels[-1]:g}")  # fmt: skip
-        ax.plot(ahead, forecast.point, color="tab:blue", lw=1.2, label="median")
-        if target is not None:
-            ax.plot(ahead[: len(target)], np.asarray(target, dtype=float)[: len(ahead)], color="tab:orange", lw=1.0,
-                    ls="--", label="actual")  # fmt: skip
-        ax.axvline(-0.5, color="grey", lw=0.5, ls=":")
+        draw_forecast(ax, forecast.context, forecast.point, forecast.quantiles, target, history=history, lw=0.8)
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=6)
     for ax in axes.flat[len(forecasts) :]:

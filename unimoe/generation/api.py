@@ -74,11 +74,10 @@ def generate_multimodal(
     prompt_ids = inputs["input_ids"]
     batch = prompt_ids.shape[0]
     per_conversation = isinstance(seed, Sequence)
-    seeds = None if seed is None else ([int(s) for s in seed] if per_conversation else [int(seed)] * batch)
-    if seeds is not None:
-        if len(seeds) != batch:
-            raise GenerationError(f"seed: got {len(seeds)} seeds for {batch} conversations (one per conversation)")
-        torch.manual_seed(seeds[0])
+    if per_conversation and len(seed) != batch:
+        raise GenerationError(f"seed: got {len(seed)} seeds for {batch} conversations (one per conversation)")
+    if seed is not None:
+        torch.manual_seed(int(seed[0] if per_conversation else seed))
     gen_ids = {int(i): m for m, i in processor.gen_token_ids.items()}
 
     if output_modality is not None:
@@ -106,12 +105,12 @@ def generate_multimodal(
     for _, modality in requests:
         _require_head(model, modality)
     if requests:
-        if seeds is None:
+        if seed is None:
             generator = None
         elif per_conversation:
-            generator = [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
+            generator = [torch.Generator(device="cpu").manual_seed(int(s)) for s in seed]
         else:  # one stream for the whole batch
-            generator = torch.Generator(device="cpu").manual_seed(seeds[0])
+            generator = torch.Generator(device="cpu").manual_seed(int(seed))
         _generate_items(model, processor, inputs, new_tokens, requests, outputs, conversations, generator=generator,
                         steps=num_inference_steps, guidance=guidance_scale, horizon=forecast_horizon)  # fmt: skip
     return outputs[0] if single else outputs

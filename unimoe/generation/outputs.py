@@ -48,26 +48,17 @@ class Forecast:
 
     def plot(self, path: str | Path | None = None, *, title: str = "forecast"):
         """A history + forecast figure with the outer quantile band (saved when ``path`` is given)."""
-        import matplotlib
+        from matplotlib.figure import Figure
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from unimoe.viz import draw_forecast
 
-        fig, ax = plt.subplots(figsize=(6, 3), dpi=100)
-        hist = np.arange(len(self.context))
-        ahead = np.arange(len(self.context), len(self.context) + len(self.point))
-        ax.plot(hist, self.context, color="black", lw=1, label="history")
-        levels = sorted(self.quantiles)
-        if len(levels) >= 2:
-            ax.fill_between(ahead, self.quantiles[levels[0]], self.quantiles[levels[-1]], alpha=0.3,
-                            label=f"q{levels[0]:g}–q{levels[-1]:g}")  # fmt: skip
-        ax.plot(ahead, self.point, color="tab:blue", lw=1.5, label="median")
+        fig = Figure(figsize=(6, 3), dpi=100, tight_layout=True)
+        ax = fig.add_subplot()
+        draw_forecast(ax, self.context, self.point, self.quantiles)
         ax.set_title(title)
         ax.legend(loc="upper left", fontsize=7)
-        fig.tight_layout()
         if path is not None:
             fig.savefig(path)
-            plt.close(fig)
         return fig
 
 
