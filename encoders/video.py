@@ -358,3 +358,121 @@ class VideoEncoder(MediaEncoder):
                 f"missing {missing[:3]}, unexpected {unexpected[:3]}"
             )
         self.load_state_dict(state, strict=False)
+
+
+# -- a convolutional (C3D-style) encoder ------------------------------------------------------------------------
+
+
+@dataclass
+class VideoConvEncoderConfig:
+    """A small 3D convolutional network (C3D / I3D family) for clips, with max-pooled tokens.
+
+    ``widths`` are the channels of its blocks; each block is a ``3x3x3`` convolution (space and time), a ``1x3x3``
+    one, and a ``1x2x2`` spatial max pool; a last ``1x3x3`` convolution projects to ``dim``. ``pooling``:
+
+    * ``frame_max`` — one token per frame, the maximum over its positions: ``num_frames`` tokens;
+    * ``clip_max`` — one token, the maximum over frames and positions.
+    """
+
+    num_frames: int = 8
+    image_size: int = 32
+    widths: list[int] = field(default_factory=lambda: [16, 32])
+    dim: int = 64
+    pooling: str = "frame_max"
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    POOLINGS = ("frame_max", "clip_max")
+
+    def __post_init__(self) -> None:
+        for name in ("num_frames", "image_size", "dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"encoders.video.{name}: must be an integer >= 1, got {value!r}")
+        widths = self.widths
+        if (
+            not isinstance(widths, (list, tuple))
+            or not widths
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
+        ):
+            raise ConfigError(f"encoders.video.widths: expected a list of positive channel counts, got {widths!r}")
+        if self.image_size % 2 ** len(widths) != 0:
+            raise ConfigError(
+                f"encoders.video.image_size: {self.image_size} is not divisible by 2 ** {len(widths)} (one 2x2 "
+                f"pooling per width in widths)"
+            )
+        if self.pooling not in self.POOLINGS:
+            raise ConfigError(
+                f"encoders.video.pooling: unknown pooling {self.pooling!r} for video_conv; choose one of "
+                f"{self.POOLINGS}"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError("encoders.video.mean/std: need 3 values (RGB)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@ENCODERS.register("video_conv")
+class VideoConvEncoder(MediaEncoder):
+    """Why a hand-written network: timm and torchvision's video models (R(2+1)D, MViT, Swin3D) start at tens of
+    millions of parameters and 112+ px input, and nothing pretrained can be loaded offline. What the offline clips
+    need is the convolution's inductive bias: the same filter at every position and a maximum over positions, so a
+    digit is recognised wherever it is in the frame. The per-frame ViT learns that from data only slowly.
+    Measured (``video_motion``, 2,590 training clips, 4 frames of 32 px, this network with ``widths [16, 32]`` and a
+    linear classifier on its ``clip_max`` token, trained alone): test accuracy 0.86 / 0.91 / 0.92 after 500 / 1,000 /
+    1,500 steps (direction 1.00); a linear probe of the random-init per-frame ViT's tokens reads 0.40-0.52."""
+
+    modality = "video"
+    Config = VideoConvEncoderConfig
+
+    def __init__(self, config: VideoConvEncoderConfig):
+        super().__init__(config)
+        layers: list[nn.Module] = []
+        channels = 3
+        for width in config.widths:
+            layers += [
+                nn.Conv3d(channels, width, (3, 3, 3), padding=1),  # space and time
+                nn.GELU(),
+                nn.Conv3d(width, width, (1, 3, 3), padding=(0, 1, 1)),
+                nn.GELU(),
+                nn.MaxPool3d((1, 2, 2)),
+            ]
+            channels = width
+        layers.append(nn.Conv3d(channels, config.dim, (1, 3, 3), padding=(0, 1, 1)))
+        self.net = nn.Sequential(*layers)
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.dim
+
+    @classmethod
+    def load(cls, source: Any, config: VideoConvEncoderConfig, *, max_bytes: int | None = None) -> list[Any]:
+        return load_video(source, config.num_frames, max_bytes=max_bytes)
+
+    @classmethod
+    def preprocess(cls, media: Sequence[Any], config: VideoConvEncoderConfig) -> dict[str, torch.Tensor]:
+        """The frames from :meth:`load` → ``{"values": (1, num_frames, 3, S, S)}`` (resampled if another count)."""
+        if not media:
+            raise MediaError(media, "no frames to preprocess")
+        if len(media) != config.num_frames:
+            media = [media[i] for i in sample_indices(len(media), config.num_frames)]
+        frames = [image_to_tensor(load_image(frame), config) for frame in media]  # uses image_size / mean / std
+        return {"values": torch.stack(frames).unsqueeze(0)}  # (1, F, 3, S, S)
+
+    @classmethod
+    def tokens_per_unit(cls, config: VideoConvEncoderConfig) -> int:
+        return config.num_frames if config.pooling == "frame_max" else 1
+
+    def forward(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``values (N, F, 3, S, S)`` → ``(N, F, dim)`` (``frame_max``) or ``(N, 1, dim)`` (``clip_max``)."""
+        cfg = self.config
+        if values.dim() != 5 or values.shape[1] != cfg.num_frames or values.shape[-1] != cfg.image_size:
+            raise ValueError(
+                f"video encoder: expected values of shape (N, {cfg.num_frames}, 3, {cfg.image_size}, "
+                f"{cfg.image_size}), got {tuple(values.shape)}"
+            )
+        features = self.net(values.transpose(1, 2))  # (N, dim, F, S', S')
+        if cfg.pooling == "clip_max":
+            return features.amax(dim=(2, 3, 4)).unsqueeze(1)  # (N, 1, dim)
+        return features.amax(dim=(3, 4)).transpose(1, 2)  # (N, F, dim)

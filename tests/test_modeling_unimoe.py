@@ -198,3 +198,61 @@ def test_a_component_marked_not_trainable_is_built_frozen():
     default = {n for n, p in build_model("tiny").named_parameters() if p.requires_grad}
     frozen = {n for n in default if n.startswith(("model.encoders.image.", "model.connectors.audio."))}
     assert frozen and trains == default - frozen
+
+
+def test_media_text_contrastive_loss_by_hand():
+    import math
+
+    from unimoe.modeling_unimoe import media_text_contrastive_loss
+
+    eye2, eye3 = torch.eye(2), torch.eye(3)
+    # two pairs, distinct answers, temperature 1: each row's softmax puts e / (e + 1) on its own pair
+    loss = media_text_contrastive_loss(eye2, eye2, ["a", "b"], temperature=1.0)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)))
+    # equal answers are positives of each other: rows 0 and 1 share target [1/2, 1/2, 0]
+    # rows 0, 1: log(e + 2) - 1/2; row 2: log(e + 2) - 1; both directions alike
+    loss = media_text_contrastive_loss(eye3, eye3, ["a", "a", "b"], temperature=1.0)
+    assert loss.item() == pytest.approx(math.log(math.e + 2) - 2 / 3)
+    # scale-free (cosine), temperature sharpens
+    assert media_text_contrastive_loss(5 * eye2, eye2, ["a", "b"], 1.0).item() == pytest.approx(
+        math.log(1 + math.exp(-1))
+    )
+    assert media_text_contrastive_loss(eye2, eye2, ["a", "b"], 0.1).item() < 1e-4
+    # nothing to contrast: one row, or one answer for all
+    assert media_text_contrastive_loss(eye2[:1], eye2[:1], ["a"], 1.0).item() == 0.0
+    assert media_text_contrastive_loss(eye2, eye2, ["a", "a"], 1.0).item() == 0.0
+
+
+def test_media_text_loss_in_the_model(tokenizer):
+    """Rows with media and a text answer take part, text-only rows do not; the loss is added with its weight, reaches
+    the encoder and connector, and leaves the word embeddings (its fixed text side) alone."""
+    import numpy as np
+
+    from unimoe.processing_unimoe import UniMoEProcessor
+
+    def image_chat(answer, seed):
+        image = np.random.default_rng(seed).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+        content = [{"type": "image", "array": image}, {"type": "text", "text": "What digit is this?"}]
+        return [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
+
+    torch.manual_seed(0)
+    model = build_model("tiny", seed=0).train()
+    processor = UniMoEProcessor.from_model_config(tokenizer, model.config)
+    text_only = [{"role": "user", "content": "What is one plus one?"}, {"role": "assistant", "content": "two"}]
+    batch = processor([image_chat("seven", seed=0), image_chat("three", seed=5), text_only], return_labels=True)
+    plain = model(**batch)
+    assert plain.media_text_loss is None
+    out = model(**batch, media_text_loss_coef=0.5, media_text_temperature=0.1)
+    assert out.media_text_loss > 0
+    torch.testing.assert_close(out.loss, plain.loss + 0.5 * out.media_text_loss)
+    embed = model.get_input_embeddings().weight
+    encoder = model.model.encoders["image"].vit.patch_embed.proj.weight
+    connector = model.model.connectors["image"].linear_1.weight
+    grads = torch.autograd.grad(out.media_text_loss, [embed, encoder, connector], allow_unused=True)
+    assert grads[0] is None or grads[0].abs().sum() == 0
+    assert grads[1].abs().sum() > 0 and grads[2].abs().sum() > 0
+    # the text-only row changes nothing: the same loss from the two image rows alone
+    alone = processor([image_chat("seven", seed=0), image_chat("three", seed=5)], return_labels=True)
+    torch.testing.assert_close(
+        model(**alone, media_text_loss_coef=0.5, media_text_temperature=0.1).media_text_loss, out.media_text_loss
+    )

@@ -43,6 +43,11 @@ def test_overrides_dotted_and_nested():
     cfg = build_config("tiny", {"moe.top_k": 1}, text_config={"num_hidden_layers": 2})
     assert cfg.moe["top_k"] == 1 and cfg.text_config.num_hidden_layers == 2
     assert apply_overrides({"a": {"b": 1, "c": 2}}, {"a.b": 3}) == {"a": {"b": 3, "c": 2}}
+    # another type replaces the component spec whole; the same type merges into it
+    spec = {"enc": {"type": "a", "x": 1, "y": 2}}
+    assert apply_overrides(spec, {"enc": {"type": "b", "z": 3}}) == {"enc": {"type": "b", "z": 3}}
+    assert apply_overrides(spec, {"enc": {"type": "a", "x": 5}}) == {"enc": {"type": "a", "x": 5, "y": 2}}
+    assert apply_overrides(spec, {"enc": {"x": 5}}) == {"enc": {"type": "a", "x": 5, "y": 2}}
     assert parse_cli_overrides(["moe.top_p=0.5", "moe.routing=topp", "moe.moe_layers=[0, 1]"]) == {
         "moe.top_p": 0.5,
         "moe.routing": "topp",

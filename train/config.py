@@ -84,6 +84,10 @@ class StageConfig:
     forced_expert: int | None = None  # route every token to this expert (a dense warm-up of it)
     lora: dict[str, Any] | None = None
     moe: dict[str, Any] = field(default_factory=dict)  # overrides of the MoE loss coefficients etc.
+    # the media-text contrastive loss (UniMoEForConditionalGeneration.media_text_loss): its weight (0 = off) and the
+    # temperature of its cosine similarities
+    media_text_loss_coef: float = 0.0
+    media_text_temperature: float = 0.1
     collapse_threshold: float = 0.9  # warn when one expert takes more than this share of a layer's slots
     # per-part learning-rate factors ({encoders: 5.0}): from-scratch encoders and connectors need a larger step than
     # the decoder they feed, or the decoder learns to ignore their still-uninformative tokens (see the tiny recipe).
@@ -115,6 +119,14 @@ class StageConfig:
                 raise ConfigError(f"stage {self.name}: {name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ConfigError(f"stage {self.name}: min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.media_text_loss_coef < 0:
+            raise ConfigError(
+                f"stage {self.name}: media_text_loss_coef must be >= 0 (0 = off), got {self.media_text_loss_coef}"
+            )
+        if not self.media_text_temperature > 0:
+            raise ConfigError(
+                f"stage {self.name}: media_text_temperature must be > 0, got {self.media_text_temperature}"
+            )
         if not 0.0 < self.collapse_threshold <= 1.0:
             raise ConfigError(f"stage {self.name}: collapse_threshold must be in (0, 1], got {self.collapse_threshold}")
         for name in ("forced_expert", "init_experts_from"):

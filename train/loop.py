@@ -261,13 +261,19 @@ def train_stage(
     bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, unit="step",
                disable=not (progress and accelerator.is_main_process))  # fmt: skip
     data_iter = iter(loader)
+    objectives = {}
+    if stage.media_text_loss_coef > 0:
+        objectives = {
+            "media_text_loss_coef": stage.media_text_loss_coef,
+            "media_text_temperature": stage.media_text_temperature,
+        }
     while step < end_step:
         log_now = (step + 1) % stage.log_every == 0 or step + 1 == stage.steps
         for _ in range(stage.grad_accum):
             batch = next(data_iter)
             batch.pop("sample_modality", None)
             with accelerator.accumulate(model):
-                outputs = model(**batch, output_router_stats=log_now)
+                outputs = model(**batch, output_router_stats=log_now, **objectives)
                 loss = outputs.loss
                 if not loss.requires_grad:
                     # no sample of this batch reaches a trainable part (e.g. text-only samples while only the
@@ -300,7 +306,7 @@ def train_stage(
                 "modality_loss": outputs.modality_loss.item(),
                 **{
                     name: getattr(outputs, name).item()
-                    for name in ("diffusion_loss", "forecast_loss")
+                    for name in ("diffusion_loss", "forecast_loss", "media_text_loss")
                     if getattr(outputs, name, None) is not None
                 },
                 "lr": scheduler.get_last_lr()[0] / first_factor,

@@ -47,7 +47,10 @@ def load_preset(name_or_path: str | Path) -> dict[str, Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge ``overrides`` into a copy of ``data``. Keys may be dotted (``"moe.top_k"``) or nested dicts."""
+    """Deep-merge ``overrides`` into a copy of ``data``. Keys may be dotted (``"moe.top_k"``) or nested dicts.
+
+    A mapping that names another ``type`` than the one it overrides (``encoders.video: {type: video_conv, ...}``)
+    replaces it whole: the old type's settings mean nothing to the new one."""
     out = copy.deepcopy(data)
     for key, value in overrides.items():
         parts = key.split(".")
@@ -58,7 +61,12 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
                 raise ConfigError(f"override {key}: {part!r} is not a mapping")
             node = child
         last = parts[-1]
-        if isinstance(value, dict) and isinstance(node.get(last), dict):
+        current = node.get(last)
+        if (
+            isinstance(value, dict)
+            and isinstance(current, dict)
+            and value.get("type", current.get("type")) == current.get("type")
+        ):
             node[last] = apply_overrides(node[last], value)
         else:
             node[last] = value

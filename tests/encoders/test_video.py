@@ -13,7 +13,13 @@ import torch
 from unimoe.connectors.connectors import build_connector
 from unimoe.encoders import ENCODERS, MediaError, build_encoder, encoder_class
 from unimoe.encoders import video as video_mod
-from unimoe.encoders.video import VideoEncoder, VideoEncoderConfig, sample_indices
+from unimoe.encoders.video import (
+    VideoConvEncoder,
+    VideoConvEncoderConfig,
+    VideoEncoder,
+    VideoEncoderConfig,
+    sample_indices,
+)
 from unimoe.errors import ConfigError
 
 STEP = 12  # gray level of frame i is i * STEP: decoded frames tell which index they are
@@ -399,3 +405,74 @@ def test_tokens_feed_the_connector(tmp_path):
     assert out.shape == (1, VideoEncoder.tokens_per_unit(config), 64)
     out.sum().backward()
     assert encoder.temporal_embed.grad is not None
+
+
+# -- the convolutional encoder (video_conv) -----------------------------------------------------------------------
+
+
+def conv_cfg(**kwargs) -> VideoConvEncoderConfig:
+    return VideoConvEncoderConfig(**{"num_frames": 4, "image_size": 32, "widths": [8, 16], "dim": 24, **kwargs})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"widths": []}, "encoders.video.widths"),
+        ({"widths": [8, 0]}, "encoders.video.widths"),
+        ({"widths": "16"}, "encoders.video.widths"),
+        ({"image_size": 30}, "encoders.video.image_size"),  # two 2x2 poolings need a multiple of 4
+        ({"num_frames": 0}, "encoders.video.num_frames"),
+        ({"dim": True}, "encoders.video.dim"),
+        ({"pooling": "none"}, "encoders.video.pooling"),
+        ({"mean": [0.5]}, "encoders.video.mean"),
+    ],
+)
+def test_conv_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        conv_cfg(**kwargs)
+
+
+@pytest.mark.parametrize(("pooling", "tokens"), [("frame_max", 4), ("clip_max", 1)])
+def test_conv_encoder_reads_files_and_trains(tmp_path, pooling, tokens):
+    torch.manual_seed(0)
+    spec = {"type": "video_conv", "num_frames": 4, "image_size": 32, "widths": [8, 16], "dim": 24, "pooling": pooling}
+    cls, config = encoder_class(spec, "video")
+    assert cls is VideoConvEncoder and cls.tokens_per_unit(config) == tokens
+    encoder = build_encoder("video", spec)
+    values = cls.preprocess(cls.load(write_gif(tmp_path / "clip.gif", 6), config), config)["values"]
+    assert values.shape == (1, 4, 3, 32, 32)
+    out = encoder(torch.cat([values, torch.randn_like(values)]))
+    assert out.shape == (2, tokens, 24) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+    with pytest.raises(ValueError, match=r"expected values of shape \(N, 4, 3, 32, 32\)"):
+        encoder(torch.randn(1, 3, 3, 32, 32))
+
+
+def test_conv_encoder_is_translation_invariant_and_sees_direction():
+    """The maximum over positions: a pattern shifted by the pooling stride gives the same tokens (a per-patch ViT
+    does not); the 3x3x3 convolutions see time: a frame's token depends on the order of its neighbours."""
+    torch.manual_seed(0)
+    encoder = VideoConvEncoder(conv_cfg(pooling="clip_max", image_size=64)).eval()
+    clip = torch.zeros(1, 4, 3, 64, 64)
+    for t in range(4):
+        clip[0, t, :, 26:32, 24 + 2 * t : 28 + 2 * t] = 1.0  # a bar moving right, away from the zero padding
+    shifted = clip.roll(shifts=(4, 4), dims=(3, 4))  # a multiple of both 2x2 poolings' stride
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(shifted), encoder(clip))
+        per_frame = VideoConvEncoder(conv_cfg(image_size=64)).eval()  # frame_max: one token per frame
+        per_frame.load_state_dict(encoder.state_dict())
+        # played backwards, each frame holds the same picture; a per-frame encoder would give the same tokens
+        gap = (per_frame(clip.flip(1)).flip(1) - per_frame(clip)).abs().max()
+    assert gap > 1e-3
+
+
+def test_a_model_preset_switches_to_the_conv_encoder():
+    """An override that names another encoder type replaces the preset's spec instead of merging into it."""
+    from unimoe.presets import build_model
+
+    model = build_model("tiny", {"encoders": {"video": {"type": "video_conv", "num_frames": 4, "widths": [8]}}})
+    encoder = model.model.encoders["video"]
+    assert isinstance(encoder, VideoConvEncoder) and encoder.output_dim == 64
+    values = torch.randn(2, 4, 3, 32, 32)
+    assert model.model.connectors["video"](encoder(values)).shape[-1] == model.config.text_config.hidden_size
