@@ -79,8 +79,8 @@ class UniMoECausalLMOutput(ModelOutput):
     generation head's ``loss_coef`` times its loss (``diffusion_loss``: the flow-matching loss of the image and audio
     heads, summed; ``forecast_loss``: the pinball loss of the forecasting head), plus ``media_text_loss_coef`` times
     ``media_text_loss`` when a training stage asks for it (:func:`media_text_contrastive_loss`). ``router_stats``
-    holds one :class:`RouterStats` per MoE layer when ``output_router_stats=True``; ``last_hidden_state`` (after the final
-    norm) is returned when ``output_hidden_states=True``, for the generation heads."""
+    holds one :class:`RouterStats` per MoE layer when ``output_router_stats=True``; ``last_hidden_state`` (after the
+    final norm) is returned when ``output_hidden_states=True``, for the generation heads."""
 
     loss: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
