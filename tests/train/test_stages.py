@@ -40,18 +40,23 @@ def test_bad_stage_configs_name_the_field():
         load_stage("align", {"lr_multipliers": {"wings": 2.0}})
     with pytest.raises(ConfigError, match="lr_multipliers.encoders must be a number > 0"):
         load_stage("align", {"lr_multipliers": {"encoders": 0}})
+    with pytest.raises(ConfigError, match="media_text_loss_coef must be >= 0"):
+        load_stage("align", {"media_text_loss_coef": -1})
+    with pytest.raises(ConfigError, match="media_text_temperature must be > 0"):
+        load_stage("align", {"media_text_temperature": 0})
 
 
 @pytest.mark.parametrize("stage", ["align", "specialize", "tune"])
 def test_every_stage_smoke_runs(stage, init_ckpt, train_data, tmp_path):
-    cfg = small(stage, **({"forced_expert": 0, "trainable": {"attention": True, "connectors": True}}
-                          if stage == "align" else {}))  # fmt: skip
+    cfg = small(stage, **({"forced_expert": 0, "trainable": {"attention": True, "connectors": True},
+                           "media_text_loss_coef": 1.0} if stage == "align" else {}))  # fmt: skip
     result = train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False)
     assert result.steps == 3 and result.checkpoint
     log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
     assert "router/image/load_entropy" in log[-1] and "tokens_per_second" in log[-1]
+    assert ("media_text_loss" in log[-1]) == (stage == "align")  # logged where the stage asks for it
     # the final checkpoint is a plain UniMoE checkpoint (peft LoRA merged away)
     weights = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert not any("lora_A." in k or "base_model" in k for k in weights)
