@@ -256,3 +256,10 @@ def test_media_text_loss_in_the_model(tokenizer):
     torch.testing.assert_close(
         model(**alone, media_text_loss_coef=0.5, media_text_temperature=0.1).media_text_loss, out.media_text_loss
     )
+    # media_text_rows leaves rows out: with one image row left there is nothing to contrast
+    three = processor([image_chat("seven", 0), image_chat("three", 5), image_chat("one", 7)], return_labels=True)
+    kw = {"media_text_loss_coef": 0.5, "media_text_temperature": 0.1}
+    pair = model(**three, media_text_rows=torch.tensor([True, True, False]), **kw).media_text_loss
+    torch.testing.assert_close(pair, out.media_text_loss)
+    assert model(**three, media_text_rows=torch.tensor([True, False, False]), **kw).media_text_loss.item() == 0.0
+    assert model(**three, **kw).media_text_loss != pair

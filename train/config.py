@@ -88,6 +88,9 @@ class StageConfig:
     # temperature of its cosine similarities
     media_text_loss_coef: float = 0.0
     media_text_temperature: float = 0.1
+    # the tasks whose samples it uses (None: every sample with media and a text answer). The loss assumes the answer
+    # describes the item (a label, a transcript); a VQA answer depends on the question as much as on the image.
+    media_text_tasks: list[str] | None = None
     collapse_threshold: float = 0.9  # warn when one expert takes more than this share of a layer's slots
     # per-part learning-rate factors ({encoders: 5.0}): from-scratch encoders and connectors need a larger step than
     # the decoder they feed, or the decoder learns to ignore their still-uninformative tokens (see the tiny recipe).
@@ -126,6 +129,12 @@ class StageConfig:
         if not self.media_text_temperature > 0:
             raise ConfigError(
                 f"stage {self.name}: media_text_temperature must be > 0, got {self.media_text_temperature}"
+            )
+        if self.media_text_tasks is not None and (
+            not isinstance(self.media_text_tasks, list) or not all(isinstance(t, str) for t in self.media_text_tasks)
+        ):
+            raise ConfigError(
+                f"stage {self.name}: media_text_tasks must be a list of task names, got {self.media_text_tasks!r}"
             )
         if not 0.0 < self.collapse_threshold <= 1.0:
             raise ConfigError(f"stage {self.name}: collapse_threshold must be in (0, 1], got {self.collapse_threshold}")

@@ -158,4 +158,5 @@ class Collator:
                 ids.append(self.forced[modality][0])
             batch["forced_experts"] = torch.tensor(ids).view(-1, 1).expand_as(batch["input_ids"]).contiguous()
         batch["sample_modality"] = [s.modality for s in items]
+        batch["sample_task"] = [s.task for s in items]
         return batch

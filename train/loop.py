@@ -195,6 +195,9 @@ def train_stage(
     model.train()
 
     data = TrainData(data_root, stage.data_mix, generation=set(model.config.generation or {}))
+    unknown = sorted(set(stage.media_text_tasks or ()) - set(data.tasks))
+    if unknown:
+        raise ConfigError(f"stage {stage.name}: media_text_tasks: {unknown} are not in data.tasks")
     schedule = data.schedule(stage.steps * stage.grad_accum, stage.batch_size, stage.seed)
 
     start_step = 0
@@ -272,6 +275,9 @@ def train_stage(
         for _ in range(stage.grad_accum):
             batch = next(data_iter)
             batch.pop("sample_modality", None)
+            tasks = batch.pop("sample_task", None)
+            if objectives and stage.media_text_tasks is not None:  # the rows the media-text loss may use
+                objectives["media_text_rows"] = torch.tensor([t in stage.media_text_tasks for t in tasks])
             with accelerator.accumulate(model):
                 outputs = model(**batch, output_router_stats=log_now, **objectives)
                 loss = outputs.loss

@@ -607,6 +607,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         return_dict: bool | None = None,
         media_text_loss_coef: float = 0.0,
         media_text_temperature: float = 0.1,
+        media_text_rows: torch.BoolTensor | None = None,
         **kwargs: Any,
     ) -> UniMoECausalLMOutput:
         """Shapes: ``input_ids (B, S)`` or ``inputs_embeds (B, S, H)``; ``attention_mask (B, S_past + S)``;
@@ -617,7 +618,8 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         ``gen_series_mask (n, H_max)``.
 
         ``media_text_loss_coef > 0`` (with ``labels``) adds the media-text contrastive loss of
-        :meth:`media_text_loss` (a training objective; stages set it)."""
+        :meth:`media_text_loss` (a training objective; stages set it); ``media_text_rows (B,)``, when given, names the
+        rows it may use."""
         targets = {k: v for k in GENERATION_TARGET_KEYS if (v := kwargs.pop(k, None)) is not None}
         contrastive = labels is not None and media_text_loss_coef > 0 and input_ids is not None
         series = (kwargs.get("series_values"), kwargs.get("series_mask"))
@@ -656,7 +658,9 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
                 )
                 loss = loss + weighted
             if contrastive:
-                media_text_loss = self.media_text_loss(input_ids, labels, outputs.inputs_embeds, media_text_temperature)
+                media_text_loss = self.media_text_loss(
+                    input_ids, labels, outputs.inputs_embeds, media_text_temperature, rows=media_text_rows
+                )
                 loss = loss + media_text_loss_coef * media_text_loss
         return UniMoECausalLMOutput(
             loss=loss,
@@ -675,13 +679,18 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         )
 
     def media_text_loss(
-        self, input_ids: torch.Tensor, labels: torch.Tensor, inputs_embeds: torch.Tensor, temperature: float
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        temperature: float,
+        rows: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
         """The media-text contrastive loss of a batch: each row with media tokens and a text answer gives the mean
         of its media tokens (the connectors' output, ``inputs_embeds`` at the placeholders) and the mean input
         embedding of its answer tokens, held fixed (no gradient into the word embeddings, which the LM head shares);
         see :func:`media_text_contrastive_loss`. Rows with generation query slots (their answer is media) and rows
-        without media are left out.
+        without media are left out, and so are those that ``rows (B,)``, when given, marks False.
 
         Like the image-text contrastive objective of ALBEF / BLIP-2's first stage, it gives the encoders and
         connectors a direct signal of what an item is about, next to the language-modelling loss, whose gradient
@@ -697,9 +706,12 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         is_answer = (labels != -100) & ~is_media  # (B, S): the answer's words, not the end-of-turn token
         if eos:
             is_answer &= ~torch.isin(input_ids, torch.tensor(eos, device=input_ids.device))
+        allowed = rows
         rows = is_media.any(dim=1) & is_answer.any(dim=1)
         if has_query is not None:
             rows &= ~has_query
+        if allowed is not None:
+            rows &= allowed.to(rows.device, torch.bool)
         rows = rows.nonzero().flatten().tolist()  # one host sync per training step
         if len(rows) < 2:
             return inputs_embeds.sum() * 0.0

@@ -44,12 +44,15 @@ def test_bad_stage_configs_name_the_field():
         load_stage("align", {"media_text_loss_coef": -1})
     with pytest.raises(ConfigError, match="media_text_temperature must be > 0"):
         load_stage("align", {"media_text_temperature": 0})
+    with pytest.raises(ConfigError, match="media_text_tasks must be a list of task names"):
+        load_stage("align", {"media_text_tasks": "digits_cls"})
 
 
 @pytest.mark.parametrize("stage", ["align", "specialize", "tune"])
 def test_every_stage_smoke_runs(stage, init_ckpt, train_data, tmp_path):
     cfg = small(stage, **({"forced_expert": 0, "trainable": {"attention": True, "connectors": True},
-                           "media_text_loss_coef": 1.0} if stage == "align" else {}))  # fmt: skip
+                           "media_text_loss_coef": 1.0, "media_text_tasks": ["digits_cls"]}
+                          if stage == "align" else {}))  # fmt: skip
     result = train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False)
     assert result.steps == 3 and result.checkpoint
     log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
@@ -60,6 +63,12 @@ def test_every_stage_smoke_runs(stage, init_ckpt, train_data, tmp_path):
     # the final checkpoint is a plain UniMoE checkpoint (peft LoRA merged away)
     weights = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert not any("lora_A." in k or "base_model" in k for k in weights)
+
+
+def test_media_text_tasks_must_be_trained_tasks(init_ckpt, train_data, tmp_path):
+    cfg = small("align", media_text_loss_coef=1.0, media_text_tasks=["digits_cls", "vqa_easy"])
+    with pytest.raises(ConfigError, match=r"media_text_tasks: \['vqa_easy'\] are not in data.tasks"):
+        train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False)
 
 
 def test_specialize_trains_each_modalitys_expert_only(init_ckpt, train_data, tmp_path):
