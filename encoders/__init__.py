@@ -3,7 +3,7 @@
 Importing this package registers every encoder type; ``list_encoders()`` names them.
 """
 
-from . import image  # noqa: F401  (registers "vit")
+from . import image  # noqa: F401  (registers "vit", "image_conv")
 from .base import ENCODERS, MediaEncoder, MediaError, build_encoder, encoder_class
 
 #: modality -> module name, for encoders contributed by other modules

@@ -203,3 +203,101 @@ class ImageEncoder(MediaEncoder):
                 f"image encoder pretrained: {file} does not match {self.config.model_name} "
                 f"(missing {missing[:3]}, unexpected {list(unexpected)[:3]})"
             )
+
+
+# -- a convolutional encoder -----------------------------------------------------------------------------------
+
+
+@dataclass
+class ImageConvEncoderConfig:
+    """A small convolutional network for images trained from scratch, with max-pooled tokens.
+
+    ``widths`` are the channels of its blocks; each block is two ``3x3`` convolutions and a ``2x2`` max pool; a last
+    ``3x3`` convolution projects to ``dim``. The feature map is then max-pooled to a ``grid x grid`` of tokens
+    (``grid: 1``: one token, the maximum over all positions)."""
+
+    image_size: int = 32
+    widths: list[int] = field(default_factory=lambda: [16, 32])
+    dim: int = 64
+    grid: int = 2
+    mean: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "dim", "grid"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"encoders.image.{name}: must be an integer >= 1, got {value!r}")
+        widths = self.widths
+        if (
+            not isinstance(widths, (list, tuple))
+            or not widths
+            or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
+        ):
+            raise ConfigError(f"encoders.image.widths: expected a list of positive channel counts, got {widths!r}")
+        if self.image_size % 2 ** len(widths) != 0:
+            raise ConfigError(
+                f"encoders.image.image_size: {self.image_size} is not divisible by 2 ** {len(widths)} (one 2x2 "
+                f"pooling per width in widths)"
+            )
+        side = self.image_size // 2 ** len(widths)
+        if self.grid > side:
+            raise ConfigError(
+                f"encoders.image.grid: {self.grid} is larger than the {side}x{side} feature map "
+                f"(image_size {self.image_size} after {len(widths)} 2x2 poolings)"
+            )
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ConfigError("encoders.image.mean/std: need 3 values (RGB)")
+
+
+@ENCODERS.register("image_conv")
+class ImageConvEncoder(MediaEncoder):
+    """Why a hand-written network: timm's CNNs (ResNet, ConvNeXt, EfficientNet) start at millions of parameters and
+    expect 224 px inputs, and nothing pretrained can be loaded offline. The small images of the offline suite need
+    the convolution's inductive bias — one filter at every position and a maximum over positions, so a digit or a
+    shape is recognised wherever it sits — which the from-scratch ViT learns only slowly (README, "Results"). The
+    2D counterpart of the ``video_conv`` encoder."""
+
+    modality = "image"
+    Config = ImageConvEncoderConfig
+
+    def __init__(self, config: ImageConvEncoderConfig):
+        super().__init__(config)
+        layers: list[torch.nn.Module] = []
+        channels = 3
+        for width in config.widths:
+            layers += [
+                torch.nn.Conv2d(channels, width, 3, padding=1),
+                torch.nn.GELU(),
+                torch.nn.Conv2d(width, width, 3, padding=1),
+                torch.nn.GELU(),
+                torch.nn.MaxPool2d(2),
+            ]
+            channels = width
+        layers.append(torch.nn.Conv2d(channels, config.dim, 3, padding=1))
+        self.net = torch.nn.Sequential(*layers)
+
+    @property
+    def output_dim(self) -> int:
+        return self.config.dim
+
+    @classmethod
+    def load(cls, source: Any, config: ImageConvEncoderConfig, *, max_bytes: int | None = None):
+        return load_image(source, max_bytes=max_bytes)
+
+    @classmethod
+    def preprocess(cls, media, config: ImageConvEncoderConfig) -> dict[str, torch.Tensor]:
+        return {"values": image_to_tensor(media, config).unsqueeze(0)}  # (1, 3, S, S)
+
+    @classmethod
+    def tokens_per_unit(cls, config: ImageConvEncoderConfig) -> int:
+        return config.grid**2
+
+    def forward(self, values: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``values (N, 3, S, S)`` → ``(N, grid * grid, dim)``, row-major."""
+        size = self.config.image_size
+        if values.dim() != 4 or values.shape[1] != 3 or values.shape[-2:] != (size, size):
+            raise ValueError(f"image encoder: expected values of shape (N, 3, {size}, {size}), got {tuple(values.shape)}")
+        features = self.net(values)  # (N, dim, S', S')
+        grid = torch.nn.functional.adaptive_max_pool2d(features, self.config.grid)  # (N, dim, grid, grid)
+        return grid.flatten(2).transpose(1, 2)  # (N, grid * grid, dim)

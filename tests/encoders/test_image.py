@@ -166,3 +166,78 @@ def test_no_second_copy_of_the_packages():
     import unimoe.encoders  # noqa: F401
 
     assert not any(name == "encoders" or name.startswith(("encoders.", "connectors")) for name in sys.modules)
+
+
+# -- the convolutional encoder (image_conv) -----------------------------------------------------------------------
+
+CONV = {"type": "image_conv", "image_size": 32, "widths": [8, 16], "dim": 24, "grid": 2}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"widths": []}, "encoders.image.widths"),
+        ({"widths": [8, -1]}, "encoders.image.widths"),
+        ({"image_size": 30}, "encoders.image.image_size"),  # two 2x2 poolings need a multiple of 4
+        ({"grid": 0}, "encoders.image.grid"),
+        ({"grid": 9}, "encoders.image.grid"),  # larger than the 8x8 feature map
+        ({"dim": 2.5}, "encoders.image.dim"),
+        ({"std": [1.0, 1.0]}, "encoders.image.mean/std"),
+    ],
+)
+def test_conv_config_errors_name_the_field(kwargs, field):
+    from unimoe.encoders.image import ImageConvEncoderConfig
+
+    spec = {k: v for k, v in CONV.items() if k != "type"}
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        ImageConvEncoderConfig(**{**spec, **kwargs})
+
+
+@pytest.mark.parametrize(("grid", "tokens"), [(2, 4), (1, 1)])
+def test_conv_encoder_reads_files_and_trains(tmp_path, grid, tokens):
+    from unimoe.encoders import encoder_class
+    from unimoe.encoders.image import ImageConvEncoder
+
+    torch.manual_seed(0)
+    spec = {**CONV, "grid": grid}
+    cls, config = encoder_class(spec, "image")
+    assert cls is ImageConvEncoder and cls.tokens_per_unit(config) == tokens
+    encoder = build_encoder("image", spec)
+    (tmp_path / "a.png").write_bytes(png_bytes((20, 30)))
+    values = cls.preprocess(cls.load(tmp_path / "a.png", config), config)["values"]
+    assert values.shape == (1, 3, 32, 32)
+    out = encoder(torch.cat([values, torch.randn_like(values)]))
+    assert out.shape == (2, tokens, 24) and torch.isfinite(out).all()
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+    with pytest.raises(ValueError, match=r"expected values of shape \(N, 3, 32, 32\)"):
+        encoder(torch.randn(1, 3, 16, 16))
+
+
+def test_conv_encoder_is_translation_invariant_within_its_cells():
+    """A shape moved by a multiple of the pooling stride, inside the same grid cell, gives the same tokens; moved to
+    another cell, it changes the cell it lands in (the grid keeps coarse position: "is the shape on the left")."""
+    from unimoe.encoders.image import ImageConvEncoder, ImageConvEncoderConfig
+
+    torch.manual_seed(0)
+    # 128 px, two cells of 64: the network sees 24 px around a position, so a shape at 32-46 px never touches a
+    # cell's edge or the image border (where zero padding differs from the background's features)
+    encoder = ImageConvEncoder(ImageConvEncoderConfig(image_size=128, widths=[8, 16], dim=24, grid=2)).eval()
+    image = torch.zeros(1, 3, 128, 128)
+    image[0, :, 32:38, 32:36] = 1.0  # in the top-left cell
+    with torch.no_grad():
+        base = encoder(image)
+        torch.testing.assert_close(encoder(image.roll(shifts=(8, 4), dims=(2, 3))), base)
+        moved = encoder(image.roll(shifts=64, dims=3))  # to the top-right cell
+    assert (moved[0, 0] - base[0, 0]).abs().max() > 1e-3
+
+
+def test_a_model_preset_switches_to_the_conv_image_encoder():
+    from unimoe.encoders.image import ImageConvEncoder
+    from unimoe.presets import build_model
+
+    model = build_model("tiny", {"encoders": {"image": {"type": "image_conv", "widths": [8], "grid": 2}}})
+    encoder = model.model.encoders["image"]
+    assert isinstance(encoder, ImageConvEncoder) and encoder.output_dim == 64
+    tokens = model.model.connectors["image"](encoder(torch.randn(2, 3, 32, 32)))
+    assert tokens.shape == (2, 4, model.config.text_config.hidden_size)
