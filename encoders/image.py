@@ -297,7 +297,9 @@ class ImageConvEncoder(MediaEncoder):
         """``values (N, 3, S, S)`` → ``(N, grid * grid, dim)``, row-major."""
         size = self.config.image_size
         if values.dim() != 4 or values.shape[1] != 3 or values.shape[-2:] != (size, size):
-            raise ValueError(f"image encoder: expected values of shape (N, 3, {size}, {size}), got {tuple(values.shape)}")
+            raise ValueError(
+                f"image encoder: expected values of shape (N, 3, {size}, {size}), got {tuple(values.shape)}"
+            )
         features = self.net(values)  # (N, dim, S', S')
         grid = torch.nn.functional.adaptive_max_pool2d(features, self.config.grid)  # (N, dim, grid, grid)
         return grid.flatten(2).transpose(1, 2)  # (N, grid * grid, dim)
