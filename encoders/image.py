@@ -1,4 +1,6 @@
-"""Image encoder: ViT patch tokens from timm or open_clip (a chosen layer, prefix/CLS tokens dropped).
+"""Image encoders: ViT patch tokens from timm or open_clip (``vit``: a chosen layer, prefix/CLS tokens dropped), and a
+small convolutional network with max-pooled grid tokens for encoders trained from scratch (``image_conv``; the
+offline recipes use it: ``digits_cls`` 0.872 -> 0.975 in the full ``tiny`` recipe, README "Results").
 
 ``conv_stem: [C1, ..., Cn]`` (timm backend) replaces the ViT's patch embedding by a stack of ``n`` 3x3 stride-2
 convolutions (timm's ``ConvStem``: LayerNorm2d + GELU between them) and timm's ``HybridEmbed`` projection, so
