@@ -226,30 +226,37 @@ class ImageConvEncoderConfig:
     std: list[float] = field(default_factory=lambda: [0.5, 0.5, 0.5])
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "dim", "grid"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"encoders.image.{name}: must be an integer >= 1, got {value!r}")
-        widths = self.widths
-        if (
-            not isinstance(widths, (list, tuple))
-            or not widths
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
-        ):
-            raise ConfigError(f"encoders.image.widths: expected a list of positive channel counts, got {widths!r}")
-        if self.image_size % 2 ** len(widths) != 0:
-            raise ConfigError(
-                f"encoders.image.image_size: {self.image_size} is not divisible by 2 ** {len(widths)} (one 2x2 "
-                f"pooling per width in widths)"
-            )
-        side = self.image_size // 2 ** len(widths)
+        check_conv_layout("encoders.image", self, "image_size", "dim", "grid")
+        side = self.image_size // 2 ** len(self.widths)
         if self.grid > side:
             raise ConfigError(
                 f"encoders.image.grid: {self.grid} is larger than the {side}x{side} feature map "
-                f"(image_size {self.image_size} after {len(widths)} 2x2 poolings)"
+                f"(image_size {self.image_size} after {len(self.widths)} 2x2 poolings)"
             )
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ConfigError("encoders.image.mean/std: need 3 values (RGB)")
+
+
+def check_conv_layout(where: str, config: Any, *int_fields: str) -> None:
+    """The checks the convolutional encoders (``image_conv``, ``video_conv``) share: ``int_fields`` are integers
+    >= 1, ``widths`` a list of positive channel counts whose 2x2 poolings divide ``image_size``, and ``mean`` /
+    ``std`` three values. Errors name ``where.<field>``."""
+    for name in int_fields:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}.{name}: must be an integer >= 1, got {value!r}")
+    widths = config.widths
+    if (
+        not isinstance(widths, (list, tuple))
+        or not widths
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
+    ):
+        raise ConfigError(f"{where}.widths: expected a list of positive channel counts, got {widths!r}")
+    if config.image_size % 2 ** len(widths) != 0:
+        raise ConfigError(
+            f"{where}.image_size: {config.image_size} is not divisible by 2 ** {len(widths)} (one 2x2 pooling per "
+            f"width in widths)"
+        )
+    if len(config.mean) != 3 or len(config.std) != 3:
+        raise ConfigError(f"{where}.mean/std: need 3 values (RGB)")
 
 
 @ENCODERS.register("image_conv")

@@ -45,7 +45,7 @@ from unimoe.config_utils import config_from_dict
 from unimoe.errors import ConfigError
 
 from .base import ENCODERS, MediaEncoder, MediaError, check_size
-from .image import ImageEncoder, ImageEncoderConfig, image_to_tensor, load_image
+from .image import ImageEncoder, ImageEncoderConfig, check_conv_layout, image_to_tensor, load_image
 
 POOLINGS = ("none", "temporal_mean", "frame_mean")
 TEMPORAL_INITS = ("zero", "difference")
@@ -104,6 +104,16 @@ class VideoEncoderConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def frames_to_values(frames: Sequence[Any], num_frames: int, image_config: Any) -> torch.Tensor:
+    """Decoded frames → ``(1, num_frames, 3, S, S)`` normalized as ``image_config`` says (its ``image_size``, ``mean``
+    and ``std``), resampled when the clip has another count."""
+    if not frames:
+        raise MediaError(frames, "no frames to preprocess")
+    if len(frames) != num_frames:
+        frames = [frames[i] for i in sample_indices(len(frames), num_frames)]
+    return torch.stack([image_to_tensor(load_image(frame), image_config) for frame in frames]).unsqueeze(0)
 
 
 def sample_indices(total: int, num_frames: int) -> list[int]:
@@ -274,12 +284,7 @@ class VideoEncoder(MediaEncoder):
     @classmethod
     def preprocess(cls, media: Sequence[Any], config: VideoEncoderConfig) -> dict[str, torch.Tensor]:
         """The frames from :meth:`load` → ``{"values": (1, num_frames, 3, S, S)}`` (resampled if another count)."""
-        if not media:
-            raise MediaError(media, "no frames to preprocess")
-        if len(media) != config.num_frames:
-            media = [media[i] for i in sample_indices(len(media), config.num_frames)]
-        frames = [image_to_tensor(load_image(frame), config.image) for frame in media]
-        return {"values": torch.stack(frames).unsqueeze(0)}  # (1, F, 3, S, S)
+        return {"values": frames_to_values(media, config.num_frames, config.image)}
 
     @classmethod
     def tokens_per_unit(cls, config: VideoEncoderConfig) -> int:
@@ -385,29 +390,12 @@ class VideoConvEncoderConfig:
     POOLINGS = ("frame_max", "clip_max")
 
     def __post_init__(self) -> None:
-        for name in ("num_frames", "image_size", "dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"encoders.video.{name}: must be an integer >= 1, got {value!r}")
-        widths = self.widths
-        if (
-            not isinstance(widths, (list, tuple))
-            or not widths
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
-        ):
-            raise ConfigError(f"encoders.video.widths: expected a list of positive channel counts, got {widths!r}")
-        if self.image_size % 2 ** len(widths) != 0:
-            raise ConfigError(
-                f"encoders.video.image_size: {self.image_size} is not divisible by 2 ** {len(widths)} (one 2x2 "
-                f"pooling per width in widths)"
-            )
+        check_conv_layout("encoders.video", self, "num_frames", "image_size", "dim")
         if self.pooling not in self.POOLINGS:
             raise ConfigError(
                 f"encoders.video.pooling: unknown pooling {self.pooling!r} for video_conv; choose one of "
                 f"{self.POOLINGS}"
             )
-        if len(self.mean) != 3 or len(self.std) != 3:
-            raise ConfigError("encoders.video.mean/std: need 3 values (RGB)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -453,12 +441,7 @@ class VideoConvEncoder(MediaEncoder):
     @classmethod
     def preprocess(cls, media: Sequence[Any], config: VideoConvEncoderConfig) -> dict[str, torch.Tensor]:
         """The frames from :meth:`load` → ``{"values": (1, num_frames, 3, S, S)}`` (resampled if another count)."""
-        if not media:
-            raise MediaError(media, "no frames to preprocess")
-        if len(media) != config.num_frames:
-            media = [media[i] for i in sample_indices(len(media), config.num_frames)]
-        frames = [image_to_tensor(load_image(frame), config) for frame in media]  # uses image_size / mean / std
-        return {"values": torch.stack(frames).unsqueeze(0)}  # (1, F, 3, S, S)
+        return {"values": frames_to_values(media, config.num_frames, config)}  # uses its image_size / mean / std
 
     @classmethod
     def tokens_per_unit(cls, config: VideoConvEncoderConfig) -> int:

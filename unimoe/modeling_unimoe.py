@@ -25,6 +25,7 @@ from transformers.utils import ModelOutput
 
 from unimoe.configuration_unimoe import UniMoEConfig, strip_component_keys
 from unimoe.connectors import build_connector
+from unimoe.contrastive import media_text_loss as contrastive_media_text_loss
 from unimoe.encoders import build_encoder
 from unimoe.errors import InputError
 from unimoe.generation.heads import DiffusionHead, ForecastHead, build_head
@@ -78,7 +79,7 @@ class UniMoECausalLMOutput(ModelOutput):
     ``lm_loss + aux_loss_coef * aux_loss + z_loss_coef * z_loss + modality_loss_coef * modality_loss`` plus each
     generation head's ``loss_coef`` times its loss (``diffusion_loss``: the flow-matching loss of the image and audio
     heads, summed; ``forecast_loss``: the pinball loss of the forecasting head), plus ``media_text_loss_coef`` times
-    ``media_text_loss`` when a training stage asks for it (:func:`media_text_contrastive_loss`). ``router_stats``
+    ``media_text_loss`` when a training stage asks for it (:mod:`unimoe.contrastive`). ``router_stats``
     holds one :class:`RouterStats` per MoE layer when ``output_router_stats=True``; ``last_hidden_state`` (after the
     final norm) is returned when ``output_hidden_states=True``, for the generation heads."""
 
@@ -107,28 +108,6 @@ class UniMoEModelOutput(ModelOutput):
     modality_loss: torch.Tensor | None = None
     router_stats: tuple[RouterStats, ...] | None = None
     inputs_embeds: torch.Tensor | None = None  # (B, S, H) with the media tokens, when output_inputs_embeds=True
-
-
-# ----------------------------------------------------------------------------- media-text contrastive loss
-def media_text_contrastive_loss(
-    media: torch.Tensor, text: torch.Tensor, answer_keys: list, temperature: float
-) -> torch.Tensor:
-    """Symmetric InfoNCE between pooled media embeddings ``(N, H)`` and pooled answer embeddings ``(N, H)``.
-
-    Rows whose answers are equal (``answer_keys``) are all positives of each other, each with an equal share of the
-    target (UniCL's multi-positive form). Written here rather than taken from open_clip: its ``ClipLoss`` gives the
-    diagonal the whole target, so in a batch of a 40-answer task every second pair of equal answers would be pushed
-    apart as a negative. Returns 0 (with a graph) for fewer than two rows or when all answers are equal."""
-    if media.shape[0] < 2:
-        return media.sum() * 0.0
-    index = {key: i for i, key in enumerate(dict.fromkeys(answer_keys))}
-    if len(index) < 2:
-        return media.sum() * 0.0
-    ids = torch.tensor([index[k] for k in answer_keys], device=media.device)
-    same = (ids[:, None] == ids[None, :]).float()  # (N, N)
-    target = same / same.sum(dim=1, keepdim=True)
-    logits = F.normalize(media.float(), dim=-1) @ F.normalize(text.float(), dim=-1).T / temperature  # (N, N)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
 # ----------------------------------------------------------------------------- decoder
@@ -659,7 +638,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
                 loss = loss + weighted
             if contrastive:
                 media_text_loss = self.media_text_loss(
-                    input_ids, labels, outputs.inputs_embeds, media_text_temperature, rows=media_text_rows
+                    input_ids, labels, outputs.inputs_embeds, media_text_temperature, allowed=media_text_rows
                 )
                 loss = loss + media_text_loss_coef * media_text_loss
         return UniMoECausalLMOutput(
@@ -684,45 +663,22 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
         labels: torch.Tensor,
         inputs_embeds: torch.Tensor,
         temperature: float,
-        rows: torch.BoolTensor | None = None,
+        allowed: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
-        """The media-text contrastive loss of a batch: each row with media tokens and a text answer gives the mean
-        of its media tokens (the connectors' output, ``inputs_embeds`` at the placeholders) and the mean input
-        embedding of its answer tokens, held fixed (no gradient into the word embeddings, which the LM head shares);
-        see :func:`media_text_contrastive_loss`. Rows with generation query slots (their answer is media) and rows
-        without media are left out, and so are those that ``rows (B,)``, when given, marks False.
-
-        Like the image-text contrastive objective of ALBEF / BLIP-2's first stage, it gives the encoders and
-        connectors a direct signal of what an item is about, next to the language-modelling loss, whose gradient
-        reaches them only through the decoder. Measured: see the tiny recipe and the README."""
-        media_ids = torch.tensor(list(self.config.media_token_ids.values()), device=input_ids.device)
-        is_media = torch.isin(input_ids, media_ids)  # (B, S)
-        query_ids = [ids["query"] for ids in self.config.generation_token_ids.values()]
-        has_query = (
-            torch.isin(input_ids, torch.tensor(query_ids, device=input_ids.device)).any(dim=1) if query_ids else None
-        )
+        """The media-text contrastive loss of a batch (:func:`unimoe.contrastive.media_text_loss`) with this model's
+        placeholder, generation-query and end-of-turn token ids and its word embeddings."""
         eos = getattr(self.generation_config, "eos_token_id", None) if self.generation_config is not None else None
-        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        is_answer = (labels != -100) & ~is_media  # (B, S): the answer's words, not the end-of-turn token
-        if eos:
-            is_answer &= ~torch.isin(input_ids, torch.tensor(eos, device=input_ids.device))
-        allowed = rows
-        rows = is_media.any(dim=1) & is_answer.any(dim=1)
-        if has_query is not None:
-            rows &= ~has_query
-        if allowed is not None:
-            rows &= allowed.to(rows.device, torch.bool)
-        rows = rows.nonzero().flatten().tolist()  # one host sync per training step
-        if len(rows) < 2:
-            return inputs_embeds.sum() * 0.0
-        media_mask = is_media[rows].unsqueeze(-1).to(inputs_embeds.dtype)  # (N, S, 1)
-        media = (inputs_embeds[rows] * media_mask).sum(1) / media_mask.sum(1)  # (N, H)
-        answer_mask = is_answer[rows].unsqueeze(-1).to(inputs_embeds.dtype)  # (N, S, 1)
-        with torch.no_grad():
-            words = self.get_input_embeddings()(input_ids[rows])  # (N, S, H)
-            text = (words * answer_mask).sum(1) / answer_mask.sum(1)  # (N, H)
-        keys = [tuple(input_ids[r][is_answer[r]].tolist()) for r in rows]
-        return media_text_contrastive_loss(media, text, keys, temperature)
+        return contrastive_media_text_loss(
+            input_ids,
+            labels,
+            inputs_embeds,
+            self.get_input_embeddings(),
+            media_ids=list(self.config.media_token_ids.values()),
+            query_ids=[ids["query"] for ids in self.config.generation_token_ids.values()],
+            eos_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+            temperature=temperature,
+            allowed=allowed,
+        )
 
     # ------------------------------------------------------------------ generation heads
     def generation_losses(
