@@ -252,3 +252,102 @@ def test_load_pretrained_gives_identical_outputs(tmp_path):
 def test_config_errors_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field):
         tiny_config(**overrides)
+
+
+# -- the convolutional encoder (series_conv) ---------------------------------------------------------------------------
+
+CONV = {"type": "series_conv", "context_length": 64, "num_channels": 2, "widths": [8, 16], "kernel_size": 5,
+        "dim": 24, "tokens": 4}  # fmt: skip
+
+
+def conv_encoder(seed: int = 0, **overrides):
+    torch.manual_seed(seed)
+    return build_encoder("series", {**CONV, **overrides}).eval()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"kernel_size": 4}, "encoders.series.kernel_size"),
+        ({"widths": []}, "encoders.series.widths"),
+        ({"widths": [8, 0]}, "encoders.series.widths"),
+        ({"context_length": 66}, "encoders.series.context_length"),
+        ({"tokens": 17}, "encoders.series.tokens"),  # 64 steps after two poolings: 16 left
+        ({"dim": True}, "encoders.series.dim"),
+        ({"eps": 0.0}, "encoders.series.eps"),
+    ],
+)
+def test_conv_config_errors_name_the_field(overrides, field):
+    from unimoe.encoders.series import SeriesConvEncoderConfig
+
+    spec = {k: v for k, v in CONV.items() if k != "type"}
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        SeriesConvEncoderConfig(**{**spec, **overrides})
+
+
+def test_conv_encoder_reads_files_and_trains(tmp_path):
+    from unimoe.encoders import encoder_class
+    from unimoe.encoders.series import SeriesConvEncoder
+
+    cls, config = encoder_class(CONV, "series")
+    assert cls is SeriesConvEncoder and cls.tokens_per_unit(config) == 4
+    encoder = conv_encoder().train()
+    np.savetxt(tmp_path / "a.csv", wave(50), delimiter=",")
+    np.save(tmp_path / "b.npy", wave(90, channels=1)[:, 0])
+    batch = [cls.preprocess(cls.load(tmp_path / name, config), config) for name in ("a.csv", "b.npy")]
+    values, mask = torch.cat([b["values"] for b in batch]), torch.cat([b["mask"] for b in batch])
+    assert values.shape == mask.shape == (2, 64, 2)
+    tokens = encoder(values, mask)
+    assert tokens.shape == (2, 4, 24) and torch.isfinite(tokens).all()
+    tokens.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
+    connector = build_connector("series", {"type": "mlp"}, input_dim=encoder.output_dim, output_dim=32)
+    assert connector(tokens).shape == (2, 4, 32)
+
+
+def test_conv_encoder_shares_the_series_contract():
+    """Affine invariance per channel, NaN = missing, values under mask 0 ignored, other lengths fitted inside."""
+    encoder = conv_encoder()
+    series = wave(40)
+    series[[3, 17], 0] = np.nan
+    scaled = series * np.array([5.0, 0.25], np.float32) + np.array([3.0, -100.0], np.float32)
+    a, b = (type(encoder).preprocess(s, encoder.config) for s in (series, scaled))
+    noisy = torch.where(a["mask"] > 0, a["values"], torch.randn_like(a["values"]) * 100)
+    with torch.no_grad():
+        reference = encoder(a["values"], a["mask"])
+        torch.testing.assert_close(encoder(b["values"], b["mask"]), reference, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(encoder(noisy, a["mask"]), reference)
+        torch.testing.assert_close(encoder(torch.from_numpy(series)[None]), reference)  # NaN = missing, padded inside
+
+
+def test_conv_encoder_detects_a_motif_wherever_it_sits_within_a_token():
+    """A bump moved by a multiple of the pooling stride inside one token's span gives the same tokens; moved into
+    another token's span, it changes that token (tokens keep coarse position: "early" or "late" in the series)."""
+    from unimoe.encoders.series import SeriesConvEncoder, SeriesConvEncoderConfig
+
+    torch.manual_seed(0)
+    # 256 steps, two tokens of 128 steps; a feature sees +-23 steps (kernel 5: 2 + 2 + 1 at stride 1, 4 + 4 + 2 at
+    # stride 2, 8 at stride 4), so a bump at 40-52 (or 48-60) stays clear of the border and of the token boundary
+    encoder = SeriesConvEncoder(
+        SeriesConvEncoderConfig(context_length=256, num_channels=1, widths=[8, 16], kernel_size=5, dim=24, tokens=2)
+    ).eval()
+    series = torch.zeros(1, 256, 1)
+    series[0, 40:52, 0] = 1.0
+    with torch.no_grad():
+        base = encoder(series)
+        torch.testing.assert_close(encoder(series.roll(8, dims=1)), base)
+        moved = encoder(series.roll(128, dims=1))
+    assert (moved[0, 1] - base[0, 1]).abs().max() > 1e-3
+
+
+def test_a_model_preset_switches_to_the_conv_series_encoder_and_still_forecasts():
+    from unimoe.encoders.series import SeriesConvEncoder
+    from unimoe.presets import build_model
+
+    spec = {"type": "series_conv", "context_length": 128, "num_channels": 6, "widths": [8], "dim": 32, "tokens": 8}
+    model = build_model("tiny", {"encoders": {"series": spec}})
+    encoder = model.model.encoders["series"]
+    assert isinstance(encoder, SeriesConvEncoder) and encoder.output_dim == 32
+    tokens = model.model.connectors["series"](encoder(torch.randn(2, 100, 3)))
+    assert tokens.shape == (2, 8, model.config.text_config.hidden_size)
+    assert "series" in model.model.generation_heads  # the forecasting head reads this encoder's context length
