@@ -80,8 +80,11 @@ class StageConfig:
     save_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     router_warmup_steps: int = 0  # tune: train only the routers for this many steps first
-    init_experts_from: int | None = None  # specialize: copy this expert into all experts first
-    forced_expert: int | None = None  # route every token to this expert (a dense warm-up of it)
+    # specialize: copy this expert into all experts first; a list [a, b] copies a, b, a, b, ... into experts 0, 1, 2,
+    # 3, ... (a group of fine-grained experts into every group)
+    init_experts_from: int | list[int] | None = None
+    # route every token to this expert (a dense warm-up of it), or to each expert of a list at weight 1
+    forced_expert: int | list[int] | None = None
     lora: dict[str, Any] | None = None
     moe: dict[str, Any] = field(default_factory=dict)  # overrides of the MoE loss coefficients etc.
     # the media-text contrastive loss (UniMoEForConditionalGeneration.media_text_loss): its weight (0 = off) and the
@@ -139,8 +142,16 @@ class StageConfig:
         if not 0.0 < self.collapse_threshold <= 1.0:
             raise ConfigError(f"stage {self.name}: collapse_threshold must be in (0, 1], got {self.collapse_threshold}")
         for name in ("forced_expert", "init_experts_from"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ConfigError(f"stage {self.name}: {name} must be an expert id >= 0, got {getattr(self, name)}")
+            value = getattr(self, name)
+            ids = value if isinstance(value, list) else [value]
+            if value is not None and (
+                not ids
+                or not all(isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in ids)
+                or len(set(ids)) < len(ids)
+            ):
+                raise ConfigError(
+                    f"stage {self.name}: {name} must be an expert id >= 0 or a list of distinct ones, got {value!r}"
+                )
         self._check_part_keys("lr_multipliers", self.lr_multipliers, extra=("lora",))
         for part, factor in self.lr_multipliers.items():
             if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
@@ -158,6 +169,11 @@ class StageConfig:
                     "not trainable in this stage, so there is nothing to unfreeze"
                 )
         _ = self.data_mix, self.lora_spec  # validate the nested sections now
+
+    def expert_ids(self, name: str) -> list[int] | None:
+        """``forced_expert`` / ``init_experts_from`` as a list of expert ids (None when unset)."""
+        value = getattr(self, name)
+        return None if value is None else list(value) if isinstance(value, list) else [value]
 
     def _check_part_keys(self, field_name: str, keys, extra: tuple[str, ...] = ()) -> None:
         """Keys of a per-part table: a part, one of ``extra``, or one modality of a per-modality part."""

@@ -120,7 +120,8 @@ class ScheduleDataset(torch.utils.data.Dataset):
 
 class Collator:
     """Records → model inputs with labels; in ``specialize`` stages also ``forced_experts`` from each sample's
-    modality (``moe.modality_experts``: every token of a sample goes to its modality's first expert). With an
+    modality (``moe.modality_experts``: every token of a sample goes to each of its modality's experts, at weight 1;
+    every modality needs the same number of them). With an
     ``augment`` table (``data.augment``) the media features of sample ``i`` of the schedule are augmented with a
     generator seeded by ``(seed, i)``, so a sample draws the same augmentation in whichever batch it lands."""
 
@@ -155,8 +156,14 @@ class Collator:
             for modality in (s.modality for s in items):
                 if modality not in self.forced:
                     raise ConfigError(f"moe.modality_experts: no expert for modality {modality!r} (specialize stage)")
-                ids.append(self.forced[modality][0])
-            batch["forced_experts"] = torch.tensor(ids).view(-1, 1).expand_as(batch["input_ids"]).contiguous()
+                ids.append(self.forced[modality])
+            if len({len(group) for group in ids}) > 1:
+                raise ConfigError(
+                    "moe.modality_experts: a forced stage needs the same number of experts for every modality, got "
+                    + ", ".join(f"{k}: {v}" for k, v in self.forced.items())
+                )
+            group = torch.tensor(ids)  # (B, G)
+            batch["forced_experts"] = group[:, None, :].expand(-1, batch["input_ids"].shape[1], -1).contiguous()
         batch["sample_modality"] = [s.modality for s in items]
         batch["sample_task"] = [s.task for s in items]
         return batch

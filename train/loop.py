@@ -92,7 +92,7 @@ def prepare_stage_model(model, stage: StageConfig):
             if isinstance(block, SparseMoEBlock):
                 block.set_config(new_cfg)
     if stage.init_experts_from is not None:
-        copy_expert_to_all(model, stage.init_experts_from)
+        copy_expert_to_all(model, stage.expert_ids("init_experts_from"))
     lora = stage.lora_spec
     if lora is not None:
         from peft import LoraConfig, get_peft_model
@@ -106,15 +106,19 @@ def prepare_stage_model(model, stage: StageConfig):
 
 
 @torch.no_grad()
-def copy_expert_to_all(model, source: int) -> None:
-    """Initialize every routed expert from expert ``source`` (specialization starts from the aligned FFN)."""
+def copy_expert_to_all(model, sources: int | list[int]) -> None:
+    """Initialize every routed expert from expert ``sources`` (specialization starts from the aligned FFN); with a
+    list of ``G`` experts, expert ``e`` is copied from ``sources[e % G]`` (every group of ``G`` fine-grained experts
+    starts from the aligned group)."""
     from unimoe.moe import SparseMoEBlock
 
+    sources = [sources] if isinstance(sources, int) else list(sources)
     for block in model.modules():
         if isinstance(block, SparseMoEBlock):
+            index = torch.tensor([sources[e % len(sources)] for e in range(block.num_experts)])
             for param in block.experts.parameters():
                 if param.dim() >= 1 and param.shape[0] == block.num_experts:
-                    param.copy_(param[source : source + 1].expand_as(param))
+                    param.copy_(param[index.to(param.device)])
 
 
 # ----------------------------------------------------------------------------- routing metrics
@@ -184,14 +188,18 @@ def train_stage(
     model, processor = load_pretrained(init)
     modalities = list(model.config.modalities)
     num_experts = model.config.moe_config.num_experts
+    for name in ("forced_expert", "init_experts_from"):
+        bad = [e for e in stage.expert_ids(name) or () if e >= num_experts]
+        if bad:
+            raise ConfigError(f"stage {stage.name}: {name}: experts {bad} do not exist (moe.num_experts={num_experts})")
+    model, counts = prepare_stage_model(model, stage)
     forced = None
-    if stage.forced_expert is not None:  # every token to one expert: a dense warm-up of that expert
-        forced = {m: [stage.forced_expert] for m in modalities}
+    if stage.forced_expert is not None:  # every token to these experts: a dense warm-up of them
+        forced = {m: stage.expert_ids("forced_expert") for m in modalities}
     elif stage.kind == "specialize":
-        forced = model.config.moe_config.modality_experts
+        forced = model.config.moe_config.modality_experts  # after the stage's own moe overrides
         if not forced:
             raise ConfigError(f"stage {stage.name}: specialize needs moe.modality_experts (modality -> experts)")
-    model, counts = prepare_stage_model(model, stage)
     model.train()
 
     data = TrainData(data_root, stage.data_mix, generation=set(model.config.generation or {}))

@@ -116,3 +116,51 @@ def test_bench_quick_writes_json(tmp_path):
         assert case["ratio_vs_dense"]["dense"] == pytest.approx(1.0)
         assert isinstance(case["meets_target"], bool)
     assert "E8-top2" in proc.stdout  # the table
+
+
+# -- fine-grained expert groups: forced groups and the routed scaling factor -------------------------------------------
+
+
+def wide_ffn_from_group(block: SparseMoEBlock, group: list[int]):
+    """The one SwiGLU whose hidden units are those of ``group``'s experts side by side."""
+    from unimoe.moe import SwiGLU
+
+    experts, width = block.experts, block.experts.down_proj.shape[-1]
+    dense = SwiGLU(experts.down_proj.shape[1], width * len(group))
+    with torch.no_grad():
+        dense.gate_proj.weight.copy_(torch.cat([experts.gate_up_proj[e, :width] for e in group]))
+        dense.up_proj.weight.copy_(torch.cat([experts.gate_up_proj[e, width:] for e in group]))
+        dense.down_proj.weight.copy_(torch.cat([experts.down_proj[e] for e in group], dim=1))
+    return dense
+
+
+@pytest.mark.parametrize("dispatch", ["loop", "grouped_mm"])
+def test_a_forced_group_of_fine_grained_experts_equals_one_wide_ffn(dispatch):
+    """Two experts of width 12, each at weight 1, compute the SwiGLU of width 24 made of their hidden units: the
+    align stage of a fine-grained MoE trains exactly a dense FFN of the active width."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(num_experts=6, top_k=2, expert_intermediate_size=12, dispatch=dispatch)
+    block = SparseMoEBlock(cfg, hidden_size=16, intermediate_size=12, modalities=["text"])
+    x = torch.randn(2, 5, 16)
+    forced = torch.tensor([2, 5]).expand(2, 5, 2)
+    out = block(x, forced_experts=forced, output_stats=True)
+    torch.testing.assert_close(out.hidden_states, wide_ffn_from_group(block, [2, 5])(x))
+    assert out.stats.load.tolist() == [0, 0, 10, 0, 0, 10]  # slots per expert: all 10 tokens in each
+    # one expert per token (B, S) is the group of one
+    one = block(x, forced_experts=torch.full((2, 5), 3)).hidden_states
+    torch.testing.assert_close(one, wide_ffn_from_group(block, [3])(x))
+
+
+def test_routed_scaling_factor_multiplies_the_routed_output():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    outs = []
+    for factor in (1.0, 2.0):
+        torch.manual_seed(1)
+        cfg = MoEConfig(num_experts=6, top_k=2, expert_intermediate_size=12, routed_scaling_factor=factor)
+        assert cfg.weights_sum_to_one is (factor == 1.0)
+        block = SparseMoEBlock(cfg, hidden_size=16, intermediate_size=12, modalities=["text"])
+        outs.append(block(x).hidden_states)
+    torch.testing.assert_close(outs[1], 2 * outs[0])
+    with pytest.raises(ConfigError, match="moe.routed_scaling_factor"):
+        MoEConfig(routed_scaling_factor=0.0)

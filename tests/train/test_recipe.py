@@ -62,6 +62,8 @@ def test_recipe_data_section_is_validated(tmp_path):
         ({"log_every": 0}, "log_every must be >= 1"),
         ({"min_lr_ratio": 2}, r"min_lr_ratio must be in \[0, 1\]"),
         ({"forced_expert": -1}, "forced_expert must be an expert id >= 0"),
+        ({"forced_expert": [0, 0]}, r"forced_expert must be an expert id >= 0 or a list of distinct ones, got \[0"),
+        ({"init_experts_from": []}, "init_experts_from must be an expert id >= 0 or a list"),
     ],
 )
 def test_impossible_stage_numbers_fail_at_load(overrides, message):

@@ -83,6 +83,39 @@ def test_specialize_trains_each_modalitys_expert_only(init_ckpt, train_data, tmp
                        after["model.language_model.layers.0.mlp.router.weight"])  # fmt: skip
 
 
+GROUPS = {"text": [0, 1], "image": [2, 3], "video": [4, 5], "audio": [4, 5], "points": [4, 5], "series": [4, 5]}
+
+
+def test_fine_grained_groups_align_then_specialize(init_ckpt, train_data, tmp_path):
+    """forced_expert [0, 1] trains experts 0 and 1 alone; specialize with init_experts_from [0, 1] copies them into
+    every pair, and image samples then train their pair (2, 3) only."""
+    key = "model.language_model.layers.0.mlp.experts.gate_up_proj"
+    before = load_file(str(init_ckpt / "model.safetensors"))[key]
+    cfg = small("align", forced_expert=[0, 1], trainable={"experts": True})
+    train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "align", data_root=train_data, progress=False)
+    aligned = load_file(str(tmp_path / "align" / "final" / "model.safetensors"))[key]
+    assert [not torch.equal(before[e], aligned[e]) for e in range(6)] == [True, True] + [False] * 4
+
+    cfg = small("specialize", init_experts_from=[0, 1], moe={"modality_experts": GROUPS},
+                data={"tasks": ["digits_cls"]})  # fmt: skip
+    train_stage(cfg, init=tmp_path / "align" / "final", out_dir=tmp_path / "spec", data_root=train_data,
+                progress=False)  # fmt: skip
+    special = load_file(str(tmp_path / "spec" / "final" / "model.safetensors"))[key]
+    for e in (0, 1, 4, 5):  # copies of the aligned pair, untouched by image samples
+        assert torch.equal(special[e], aligned[e % 2]), e
+    assert not torch.equal(special[2], aligned[0]) and not torch.equal(special[3], aligned[1])
+
+
+def test_expert_ids_are_checked(init_ckpt, train_data, tmp_path):
+    with pytest.raises(ConfigError, match=r"stage align: forced_expert: experts \[6\] do not exist"):
+        train_stage(small("align", forced_expert=[0, 6]), init=init_ckpt, out_dir=tmp_path / "a",
+                    data_root=train_data, progress=False)  # fmt: skip
+    uneven = {**GROUPS, "image": [2]}
+    cfg = small("specialize", init_experts_from=None, moe={"modality_experts": uneven}, data={"tasks": TASKS})
+    with pytest.raises(ConfigError, match="the same number of experts for every modality"):
+        train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "b", data_root=train_data, progress=False)
+
+
 def test_resume_continues_exactly(init_ckpt, train_data, tmp_path):
     cfg = small("align", steps=6, save_every=2, forced_expert=0, trainable={"attention": True, "experts": True})
     full = train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "full", data_root=train_data, progress=False)

@@ -23,6 +23,9 @@ class MoEConfig:
     Routing
         ``routing="topk"`` picks ``top_k`` experts per token; ``routing="topp"`` picks the smallest set whose
         cumulative probability reaches ``top_p`` (at least 1, at most ``top_k``; UniMoE-Audio's dynamic routing).
+        ``routed_scaling_factor`` multiplies the routing weights (DeepSeek-V3's ``routed_scaling_factor``): with
+        fine-grained experts (``top_k`` narrow experts standing in for one wide FFN), ``top_k`` keeps the routed
+        output at the scale of that FFN, as when a stage forces every token through ``top_k`` experts at weight 1.
         ``num_null_experts`` adds experts that output zero and cost nothing (a token can "skip" part of its budget).
     Experts
         ``expert_type`` is a name in ``unimoe.moe.EXPERTS`` (``ffn``: SwiGLU experts stored fused; ``lora``: one
@@ -39,6 +42,7 @@ class MoEConfig:
     routing: RoutingMode = "topk"
     top_p: float = 0.7
     norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
     num_null_experts: int = 0
 
     expert_type: str = "ffn"
@@ -85,6 +89,8 @@ class MoEConfig:
                 f"top_k={self.top_k} must be between 1 and num_experts + num_null_experts = {self.num_total_experts}; "
                 "lower top_k or add experts",
             )
+        if not self.routed_scaling_factor > 0:
+            fail("routed_scaling_factor", f"must be > 0, got {self.routed_scaling_factor}")
         if self.routing not in ("topk", "topp"):
             fail("routing", f"unknown routing {self.routing!r}; choose 'topk' or 'topp'")
         if not 0.0 < self.top_p <= 1.0:
@@ -131,8 +137,13 @@ class MoEConfig:
     @property
     def weights_sum_to_one(self) -> bool:
         """Every token's routing weights over its computed slots sum to one: renormalized top-k / top-p, no null
-        experts taking a share, no slots dropped by a capacity."""
-        return self.norm_topk_prob and self.num_null_experts == 0 and self.capacity_factor is None
+        experts taking a share, no slots dropped by a capacity, no scaling."""
+        return (
+            self.norm_topk_prob
+            and self.num_null_experts == 0
+            and self.capacity_factor is None
+            and self.routed_scaling_factor == 1.0
+        )
 
     def is_moe_layer(self, layer_idx: int, num_layers: int) -> bool:
         if self.moe_layers is not None:

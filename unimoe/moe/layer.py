@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -106,8 +107,9 @@ class SparseMoEBlock(nn.Module):
     ) -> MoEOutput:
         """``hidden_states (B, S, H)``; ``token_mask (B, S)`` bool (False = padding); ``modality_ids (B, S)``.
 
-        ``forced_experts (B, S)``: route every token to that expert alone, with weight 1 (stage 2 of the recipe
-        trains one expert per modality this way); the router and its losses are bypassed.
+        ``forced_experts (B, S)`` or ``(B, S, G)``: route every token to that expert (those ``G`` experts), each with
+        weight 1 (the recipe's align stage warms up expert 0 this way, and its specialize stage trains one expert, or
+        one group of fine-grained experts, per modality); the router and its losses are bypassed.
 
         ``compute_losses=False`` returns zero losses (inference). When ``stats_sink`` is a list, every call appends
         its :class:`RouterStats` to it (used by the evaluation harness and the demo to collect expert load)."""
@@ -124,7 +126,8 @@ class SparseMoEBlock(nn.Module):
 
         use_bias = cfg.router_bias_update_rate > 0
         if forced_experts is not None:
-            return self._forward_forced(x, forced_experts.reshape(-1), mask, mods, output_stats, (batch, seq, hidden))
+            forced = forced_experts.reshape(batch * seq, -1)  # (T, G)
+            return self._forward_forced(x, forced, mask, mods, output_stats, (batch, seq, hidden))
         routing = route(
             logits,
             top_k=cfg.top_k,
@@ -134,6 +137,8 @@ class SparseMoEBlock(nn.Module):
             selection_bias=self.router_bias if use_bias else None,
             token_mask=mask,
         )
+        if cfg.routed_scaling_factor != 1.0:
+            routing = dataclasses.replace(routing, weight=routing.weight * cfg.routed_scaling_factor)
         zero = logits.new_zeros((), dtype=torch.float32)
         aux_loss = z_loss = modality_loss = zero
         if compute_losses:  # skipped in inference (decoding is bound by weight reads; every kernel counts)
@@ -181,16 +186,18 @@ class SparseMoEBlock(nn.Module):
         )
 
     def _forward_forced(self, x, experts, mask, mods, output_stats, shape) -> MoEOutput:
-        index = experts.long().view(-1, 1)  # (T, 1)
-        valid = torch.ones_like(index, dtype=torch.bool) if mask is None else mask.view(-1, 1)
-        probs = torch.nn.functional.one_hot(index[:, 0], self.config.num_total_experts).float()
+        index = experts.long()  # (T, G)
+        group = index.shape[1]
+        valid = torch.ones_like(index, dtype=torch.bool) if mask is None else mask.view(-1, 1).expand_as(index)
+        probs = torch.nn.functional.one_hot(index, self.config.num_total_experts).float().sum(1) / group  # (T, E)
         routing = Routing(expert_index=index, weight=valid.to(x.dtype), valid=valid, probs=probs)
         plan = make_plan(
             routing.expert_index,
             routing.weight,
             routing.computed_mask(self.num_experts),
             self.num_experts,
-            weights_sum_to_one=True,  # one expert, weight 1 (padding: 0, and its output is never read)
+            # one expert at weight 1 (padding: 0, and its output is never read); a group's weights sum to G
+            weights_sum_to_one=group == 1,
         )
         out = self.experts(x, plan)
         if self.shared_experts is not None:
