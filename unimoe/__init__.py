@@ -13,8 +13,8 @@ from unimoe.modeling_unimoe import (
     UniMoEForConditionalGeneration,
     UniMoEModel,
     UniMoEPreTrainedModel,
-    count_parameters,
 )
+from unimoe.moe import count_parameters
 from unimoe.presets import build_config, build_model, list_presets
 from unimoe.processing_unimoe import UniMoEProcessor
 

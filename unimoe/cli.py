@@ -30,7 +30,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         return 0
     import torch
 
-    from unimoe.modeling_unimoe import count_parameters
+    from unimoe.moe import count_parameters
 
     if Path(args.model).is_dir():
         from transformers import AutoConfig

@@ -89,7 +89,7 @@ def build_model_card(
     """A :class:`huggingface_hub.ModelCard` with the architecture, usage and an eval table + ``model-index``."""
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    from unimoe.modeling_unimoe import count_parameters
+    from unimoe.moe import count_parameters
 
     cfg = model.config
     moe = cfg.moe_config

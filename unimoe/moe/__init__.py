@@ -3,7 +3,7 @@
 from unimoe.moe.config import MoEConfig
 from unimoe.moe.dispatch import DispatchPlan, make_plan
 from unimoe.moe.experts import EXPERTS, LoRAExperts, SwiGLU, SwiGLUExperts
-from unimoe.moe.layer import MoEOutput, SparseMoEBlock
+from unimoe.moe.layer import MoEOutput, SparseMoEBlock, count_parameters
 from unimoe.moe.losses import RouterStats, load_balancing_loss, modality_routing_loss, router_z_loss
 from unimoe.moe.routing import Routing, apply_capacity, balancing_bias_update, route
 
@@ -20,6 +20,7 @@ __all__ = [
     "SwiGLUExperts",
     "apply_capacity",
     "balancing_bias_update",
+    "count_parameters",
     "load_balancing_loss",
     "make_plan",
     "modality_routing_loss",
