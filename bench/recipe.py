@@ -1,11 +1,13 @@
 """The recipe benchmark: the claims of the README's results section, measured in one run.
 
-    python bench/recipe.py --json bench/results/recipe.json [--parts tiny,dense,baselines,kill] [--data data]
+    python bench/recipe.py --json bench/results/recipe.json [--parts tiny,dense,tiny_fg,baselines,kill] [--data data]
     python bench/recipe.py --json OUT.json --parts tiny,dense --seed 1 --data data_seed1 --runs runs/seed1
 
 * ``tiny``      — ``unimoe run tiny``: wall clock (target <= 30 min on 2 CPU cores), per-stage tokens/s and peak
                   memory, and the held-out scores against the per-task targets;
 * ``dense``     — ``unimoe run dense`` (same active parameters and budget): the MoE recipe should win on average;
+* ``tiny_fg``   — ``unimoe run tiny_fg`` (fine-grained experts, same active parameters); any other recipe name
+                  shipped in ``unimoe/configs/recipes`` works the same way and gets its own column;
 * ``baselines`` — ``bench/baselines.py`` on the same splits: the floor every task should beat;
 * ``kill``      — a shortened recipe killed with SIGKILL in the middle of a stage, restarted with ``--resume``,
                   must end with the same final metrics (and bitwise the same weights) as an uninterrupted run.
@@ -57,6 +59,10 @@ def run_recipe(recipe: str, out: Path, data: Path, extra: list[str] = ()) -> dic
         run["wall_s"] = round(wall, 1)
         (out / "run.json").write_text(json.dumps(run, indent=2))
     return json.loads((out / "run.json").read_text())
+
+
+def shipped_recipes() -> set[str]:
+    return {p.stem for p in (ROOT / "configs" / "recipes").glob("*.yaml")}
 
 
 def suite_average(results: dict) -> float:
@@ -142,10 +148,12 @@ def main() -> int:
     report: dict = {"targets": TARGETS}
     seed_override = [f"seed={args.seed}"] if args.seed is not None else []
 
-    if "tiny" in parts:
-        report["tiny"] = run_recipe("tiny", runs / "tiny", data, seed_override)
-    if "dense" in parts:
-        report["dense"] = run_recipe("dense", runs / "dense", data, seed_override)
+    recipes = [p for p in args.parts.split(",") if p not in ("baselines", "kill")]
+    unknown = [r for r in recipes if r not in shipped_recipes()]
+    if unknown:
+        parser.error(f"--parts: {unknown} are not shipped recipes ({sorted(shipped_recipes())}) nor baselines/kill")
+    for name in recipes:
+        report[name] = run_recipe(name, runs / name, data, seed_override)
     if "baselines" in parts:
         out = runs / "baselines.json"
         subprocess.run([sys.executable, str(ROOT / "bench" / "baselines.py"), "--data", str(data), "--json", str(out)],
@@ -154,38 +162,39 @@ def main() -> int:
     if "kill" in parts:
         report["kill_resume"] = kill_and_resume(runs, data)
 
-    # ---- table
-    tasks = sorted({t for k in ("tiny", "dense") if k in report for t in report[k]["results"]})
+    # ---- table: one column per recipe; the verdicts judge the first (the default recipe when it ran)
+    tasks = sorted({t for r in recipes for t in report[r]["results"]})
     base = report.get("baselines", {}).get("results", {})
-    print(f"{'task':14} {'metric':9} {'target':>7} {'moe':>8} {'dense':>8} {'baseline':>9}  verdict")
+
+    def fmt(x):
+        return f"{x:8.3f}" if isinstance(x, (int, float)) else f"{'-':>8}"
+
+    print(
+        f"{'task':16} {'metric':9} {'target':>7} "
+        + " ".join(f"{r[:8]:>8}" for r in recipes)
+        + f" {'baseline':>9}  verdict"
+    )
     for task in tasks:
         metric, higher = primary(task)
-        moe = report.get("tiny", {}).get("results", {}).get(task, {}).get(metric)
-        dense = report.get("dense", {}).get("results", {}).get(task, {}).get(metric)
+        scores = [report[r]["results"].get(task, {}).get(metric) for r in recipes]
         floor = max((v.get(metric) for v in base.get(task, {}).values() if isinstance(v, dict) and metric in v),
                     default=base.get(task, {}).get(metric))  # fmt: skip
-        target = TARGETS.get(task)
+        target, moe = TARGETS.get(task), scores[0] if scores else None
         verdict = []
         if moe is not None and target is not None:
             verdict.append("target met" if (moe >= target if higher else moe < target) else "target MISSED")
         if moe is not None and floor is not None:
             beat = moe > floor if higher else moe < floor
             verdict.append("beats baseline" if beat else "below baseline")
-
-        def fmt(x):
-            return f"{x:8.3f}" if isinstance(x, (int, float)) else f"{'-':>8}"
-
-        print(
-            f"{task:14} {metric:9} {fmt(target)[1:]:>7} {fmt(moe)} {fmt(dense)} {fmt(floor):>9}  {', '.join(verdict)}"
-        )
-    for name in ("tiny", "dense"):
-        if name in report:
-            r = report[name]
-            report[name]["suite_average"] = suite_average(r["results"])
-            print(f"{name}: suite average {report[name]['suite_average']:.3f}, wall {r.get('wall_s', 0) / 60:.1f} min")
-            for s in r["stages"]:
-                print(f"  {s['name']:11} {s['steps']:5d} steps  {s['tokens_per_second']:8.0f} tok/s  "
-                      f"peak {s['peak_memory_mb']:.0f} MB")  # fmt: skip
+        cells = " ".join(fmt(x) for x in scores)
+        print(f"{task:16} {metric:9} {fmt(target)[1:]:>7} {cells} {fmt(floor):>9}  {', '.join(verdict)}")
+    for name in recipes:
+        r = report[name]
+        r["suite_average"] = suite_average(r["results"])
+        print(f"{name}: suite average {r['suite_average']:.3f}, wall {r.get('wall_s', 0) / 60:.1f} min")
+        for s in r["stages"]:
+            print(f"  {s['name']:11} {s['steps']:5d} steps  {s['tokens_per_second']:8.0f} tok/s  "
+                  f"peak {s['peak_memory_mb']:.0f} MB")  # fmt: skip
     if "kill_resume" in report:
         kill = report["kill_resume"]
         print(f"kill -9 + --resume gives identical final metrics: {kill['identical_final_metrics']}; "

@@ -131,6 +131,34 @@ def farthest_point_sample(xyz: torch.Tensor, k: int) -> torch.Tensor:
     return chosen
 
 
+def farthest_point_sample_single(xyz: np.ndarray, k: int) -> np.ndarray:
+    """:func:`farthest_point_sample` of one cloud ``xyz (P, 3)`` in numpy → indices ``(k,)``: the same float32
+    arithmetic in the same order, so the same picks (tested), ~6x faster. Preprocessing samples one cloud at a time,
+    where each of the k steps is a handful of tiny ops and torch's per-op dispatch (~5 us) was most of the ~25 ms a
+    1024-point cloud took — paid once per training file, for thousands of files per recipe."""
+    p = xyz.shape[0]
+    if k > p:
+        raise ValueError(f"farthest_point_sample: cannot pick {k} points out of {p}")
+    xyz = np.ascontiguousarray(xyz, dtype=np.float32)
+    x, y, z = (np.ascontiguousarray(c) for c in xyz.T)
+    centered = xyz - xyz.mean(axis=0, dtype=np.float32)
+    farthest = int(np.square(centered).sum(axis=-1).argmax())
+    chosen = np.empty(k, dtype=np.int64)
+    min_dist = np.full(p, np.inf, dtype=np.float32)
+    dist, tmp = np.empty(p, dtype=np.float32), np.empty(p, dtype=np.float32)
+    for i in range(k):
+        chosen[i] = farthest
+        np.subtract(x, x[farthest], out=dist)
+        np.square(dist, out=dist)
+        np.subtract(y, y[farthest], out=tmp)
+        dist += np.square(tmp, out=tmp)
+        np.subtract(z, z[farthest], out=tmp)
+        dist += np.square(tmp, out=tmp)
+        np.minimum(min_dist, dist, out=min_dist)
+        farthest = int(min_dist.argmax())
+    return chosen
+
+
 @torch.no_grad()
 def knn_indices(query: torch.Tensor, points: torch.Tensor, k: int) -> torch.Tensor:
     """Indices ``(N, G, k)`` of the ``k`` nearest ``points (N, P, 3)`` of each ``query (N, G, 3)``, nearest first."""
@@ -315,7 +343,7 @@ def resample_points(points: torch.Tensor, num_points: int, *, seed: int = 0) -> 
         points = points[torch.from_numpy(order)[keep]]
         p = points.shape[0]
     if p > num_points:
-        return points[farthest_point_sample(points[None, :, :3], num_points)[0]]
+        return points[torch.from_numpy(farthest_point_sample_single(points[:, :3].numpy(), num_points))]
     if p < num_points:
         points = points[torch.from_numpy(_canonical_order(points))]
         generator = torch.Generator().manual_seed(seed)

@@ -12,6 +12,7 @@ from unimoe.encoders.points import (
     PointCloudEncoder,
     PointCloudEncoderConfig,
     farthest_point_sample,
+    farthest_point_sample_single,
     group_points,
     knn_indices,
     load_points,
@@ -62,6 +63,18 @@ def test_fps_is_batched_and_picks_distinct_points():
     for row, single in zip(index, xyz):
         assert len(set(row.tolist())) == 32
         assert torch.equal(row, farthest_point_sample(single[None], 32)[0])  # no cross-talk between clouds
+
+
+@pytest.mark.parametrize("points,k", [(128, 32), (1024, 512), (300, 300)])
+def test_fps_of_one_cloud_in_numpy_picks_what_the_torch_one_does(points, k):
+    # preprocessing uses the numpy version (one cloud at a time); the model's grouping uses the batched torch one
+    gen = torch.Generator().manual_seed(points)
+    xyz = torch.randn(4, points, 3, generator=gen) * torch.tensor([3.0, 1.0, 0.2])  # anisotropic, like the shapes
+    for cloud in xyz:
+        expected = farthest_point_sample(cloud[None], k)[0].numpy()
+        np.testing.assert_array_equal(farthest_point_sample_single(cloud.numpy(), k), expected)
+    with pytest.raises(ValueError, match="cannot pick"):
+        farthest_point_sample_single(xyz[0].numpy(), points + 1)
 
 
 def test_knn_matches_brute_force():
