@@ -202,6 +202,10 @@ class UniMoEProcessor(ProcessorMixin):
         FEATURE_CACHE.resize(max_bytes)
         self._cache = FEATURE_CACHE
 
+    @property
+    def feature_cache_enabled(self) -> bool:
+        return getattr(self, "_cache", None) is not None
+
     def _cache_key(self, kind: str, modality: str, config: Any, source: Any) -> tuple | None:
         if getattr(self, "_cache", None) is None or not isinstance(source, (str, Path)):
             return None
