@@ -169,11 +169,12 @@ def main() -> int:
     def fmt(x):
         return f"{x:8.3f}" if isinstance(x, (int, float)) else f"{'-':>8}"
 
-    print(
-        f"{'task':16} {'metric':9} {'target':>7} "
-        + " ".join(f"{r[:8]:>8}" for r in recipes)
-        + f" {'baseline':>9}  verdict"
-    )
+    if tasks:
+        print(
+            f"{'task':16} {'metric':9} {'target':>7} "
+            + " ".join(f"{r[:8]:>8}" for r in recipes)
+            + f" {'baseline':>9}  verdict"
+        )
     for task in tasks:
         metric, higher = primary(task)
         scores = [report[r]["results"].get(task, {}).get(metric) for r in recipes]
