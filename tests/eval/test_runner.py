@@ -167,3 +167,26 @@ def test_real_benchmark_reader_through_the_runner(model_and_processor, tmp_path)
     summary = evaluate(model, processor, [spec], out_dir=tmp_path / "out", progress=False)
     assert summary["n_samples"]["modelnet40"] == 2
     assert "accuracy" in summary["results"]["modelnet40"]
+
+
+def test_multiple_choice_preprocesses_each_item_media_once(model_and_processor, data_root, tmp_path, monkeypatch,
+                                                           tokenizer):  # fmt: skip
+    # scoring reads an item's media once per choice; evaluation's feature cache must turn that into one load
+    from unimoe.processing_unimoe import FEATURE_CACHE
+
+    model, _ = model_and_processor
+    processor = UniMoEProcessor.from_model_config(tokenizer, model.config)  # a fresh one: its cache is off
+    assert not processor.feature_cache_enabled
+    cls = processor._encoders["image"][0]
+    original, calls = cls.preprocess.__func__, []
+
+    def counting(klass, media, config):
+        calls.append(1)
+        return original(klass, media, config)
+
+    monkeypatch.setattr(cls, "preprocess", classmethod(counting))
+    FEATURE_CACHE.resize(0)  # forget what earlier tests cached
+    spec = TaskSpec(name="toy_mc", data="toy_images", output="multiple_choice", metrics=["accuracy"])
+    evaluate(model, processor, [spec], out_dir=tmp_path, data_root=data_root, batch_size=8, progress=False)
+    assert processor.feature_cache_enabled
+    assert len(calls) == 10  # 10 items x 4 choices, each image preprocessed once
