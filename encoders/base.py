@@ -65,6 +65,22 @@ def check_size(source: Any, max_bytes: int | None) -> None:
             raise MediaError(source, f"{len(source):,} bytes, above the limit of {max_bytes:,} (media.max_file_bytes)")
 
 
+def check_conv_fields(where: str, config: Any, *int_fields: str) -> None:
+    """The checks every convolutional encoder config shares: ``int_fields`` are integers >= 1 and ``widths`` is a
+    non-empty list of positive channel counts. Errors name ``where.<field>``."""
+    for name in int_fields:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}.{name}: must be an integer >= 1, got {value!r}")
+    widths = config.widths
+    if (
+        not isinstance(widths, (list, tuple))
+        or not widths
+        or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
+    ):
+        raise ConfigError(f"{where}.widths: expected a list of positive channel counts, got {widths!r}")
+
+
 class MediaEncoder(nn.Module, abc.ABC):
     """Base class of the modality encoders (see the module docstring for the contract)."""
 

@@ -25,7 +25,7 @@ import torch
 
 from unimoe.errors import ConfigError
 
-from .base import ENCODERS, MediaEncoder, MediaError, check_size
+from .base import ENCODERS, MediaEncoder, MediaError, check_conv_fields, check_size
 
 
 @dataclass
@@ -236,20 +236,11 @@ class ImageConvEncoderConfig:
 
 
 def check_conv_layout(where: str, config: Any, *int_fields: str) -> None:
-    """The checks the convolutional encoders (``image_conv``, ``video_conv``) share: ``int_fields`` are integers
-    >= 1, ``widths`` a list of positive channel counts whose 2x2 poolings divide ``image_size``, and ``mean`` /
-    ``std`` three values. Errors name ``where.<field>``."""
-    for name in int_fields:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}.{name}: must be an integer >= 1, got {value!r}")
+    """The checks the frame encoders (``image_conv``, ``video_conv``) share: :func:`check_conv_fields`, then
+    ``widths``' 2x2 poolings divide ``image_size`` and ``mean`` / ``std`` are three values. Errors name
+    ``where.<field>``."""
+    check_conv_fields(where, config, *int_fields)
     widths = config.widths
-    if (
-        not isinstance(widths, (list, tuple))
-        or not widths
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
-    ):
-        raise ConfigError(f"{where}.widths: expected a list of positive channel counts, got {widths!r}")
     if config.image_size % 2 ** len(widths) != 0:
         raise ConfigError(
             f"{where}.image_size: {config.image_size} is not divisible by 2 ** {len(widths)} (one 2x2 pooling per "

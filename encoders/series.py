@@ -32,7 +32,7 @@ from torch import nn
 
 from unimoe.errors import ConfigError
 
-from .base import ENCODERS, MediaEncoder, MediaError, check_size
+from .base import ENCODERS, MediaEncoder, MediaError, check_conv_fields, check_size
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": None}
 #: names of a leading *numeric* column that is a time axis, not a channel (compared lower-case)
@@ -85,17 +85,8 @@ class SeriesConvEncoderConfig:
     eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("context_length", "num_channels", "kernel_size", "dim", "tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"encoders.series.{name}: must be a positive integer, got {value!r}")
+        check_conv_fields("encoders.series", self, "context_length", "num_channels", "kernel_size", "dim", "tokens")
         widths = self.widths
-        if (
-            not isinstance(widths, (list, tuple))
-            or not widths
-            or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
-        ):
-            raise ConfigError(f"encoders.series.widths: expected a list of positive channel counts, got {widths!r}")
         if self.kernel_size % 2 == 0:
             raise ConfigError(
                 f"encoders.series.kernel_size: must be odd (same-length convolutions): got {self.kernel_size}"
