@@ -11,6 +11,7 @@ import yaml
 
 from unimoe.config_utils import config_from_dict
 from unimoe.errors import ConfigError
+from unimoe.generation.refit import DEFAULT_ALPHAS
 from unimoe.presets import apply_overrides
 from unimoe.train.augment import Augmenter
 
@@ -60,6 +61,32 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
+def _number(value: Any) -> Any:
+    try:
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+@dataclass
+class ForecastRefitSpec:
+    """After the stage's last step: refit the forecasting head's linear skip in closed form on ``task``'s training
+    windows, the penalty chosen on its validation windows (unimoe.generation.refit)."""
+
+    task: str = "ts_forecast"
+    alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))  # relative ridge penalties
+    batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        alphas = self.alphas if isinstance(self.alphas, list) else [self.alphas]
+        alphas = [_number(a) for a in alphas]  # YAML 1.1 reads 1e-3 as a string
+        if not alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 for a in alphas):
+            raise ConfigError(f"forecast_refit.alphas: a list of positive numbers, got {self.alphas!r}")
+        self.alphas = [float(a) for a in alphas]
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigError(f"forecast_refit.batch_size: must be a whole number >= 1, got {self.batch_size!r}")
+
+
 @dataclass
 class StageConfig:
     name: str = "stage"
@@ -103,6 +130,9 @@ class StageConfig:
     # ({encoders: 600}): the decoder first learns to read the from-scratch encoders' random but item-dependent tokens
     # before the encoders may adapt (see the tiny recipe's align stage and the README).
     frozen_steps: dict[str, int] = field(default_factory=dict)
+    # {task: ts_forecast, alphas: [...]}: refit the forecasting head's linear skip by ridge regression when the stage
+    # ends (ForecastRefitSpec); None: off
+    forecast_refit: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("align", "specialize", "tune"):
@@ -168,7 +198,7 @@ class StageConfig:
                     f"stage {self.name}: frozen_steps.{part}: the part {part.split('.', 1)[0]!r} is "
                     "not trainable in this stage, so there is nothing to unfreeze"
                 )
-        _ = self.data_mix, self.lora_spec  # validate the nested sections now
+        _ = self.data_mix, self.lora_spec, self.refit_spec  # validate the nested sections now
 
     def expert_ids(self, name: str) -> list[int] | None:
         """``forced_expert`` / ``init_experts_from`` as a list of expert ids (None when unset)."""
@@ -192,6 +222,12 @@ class StageConfig:
     @property
     def lora_spec(self) -> LoraSpec | None:
         return None if self.lora is None else config_from_dict(LoraSpec, self.lora, where=f"stage {self.name}: lora")
+
+    @property
+    def refit_spec(self) -> ForecastRefitSpec | None:
+        if self.forecast_refit is None:
+            return None
+        return config_from_dict(ForecastRefitSpec, self.forecast_refit, where=f"stage {self.name}: forecast_refit")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

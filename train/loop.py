@@ -41,6 +41,22 @@ class StageResult:
     peak_memory_mb: float
     trainable_parameters: dict[str, int] = field(default_factory=dict)
     checkpoint: str = ""
+    forecast_refit: dict | None = None  # unimoe.generation.refit.RefitReport, when the stage refits the skip
+
+
+def refit_forecast(model, processor, stage: StageConfig, data_root: str | Path) -> dict:
+    """The stage's ``forecast_refit``: the head's linear skip refitted on the task's training windows."""
+    from unimoe.data.build import task_dir
+    from unimoe.data.records import read_split
+    from unimoe.generation.refit import refit_forecast_skip
+
+    spec = stage.refit_spec
+    directory = task_dir(Path(data_root), spec.task)
+    if not (directory / "train.jsonl").is_file() or not (directory / "validation.jsonl").is_file():
+        raise ConfigError(f"stage {stage.name}: forecast_refit.task: {directory} has no train and validation splits")
+    report = refit_forecast_skip(model, processor, read_split(directory, "train"), read_split(directory, "validation"),
+                                 alphas=spec.alphas, batch_size=spec.batch_size)  # fmt: skip
+    return report.to_dict()
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -344,12 +360,19 @@ def train_stage(
     seconds = time.perf_counter() - start
 
     final = out_dir / "final"
+    refit = None
     if step < stage.steps:  # stopped early on purpose: leave a resumable checkpoint
         save_training_state(accelerator, ckpt_root, step, stage.keep_checkpoints)
     else:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             to_save = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
+            if stage.refit_spec is not None:  # only the saved weights change, so only the main process refits
+                refit = refit_forecast(to_save, processor, stage, data_root)
+                accelerator.print(
+                    f"{stage.name}: forecast skip refit: validation MASE {refit['validation_mase_before']:.3f} -> "
+                    f"{refit['validation_mase_after']:.3f} (penalty {refit['alpha']})"
+                )
             save_checkpoint(to_save, final, processor=processor, model_name=f"{out_dir.name}",
                             notes=f"After training stage `{stage.name}` ({stage.kind}).")  # fmt: skip
         accelerator.wait_for_everyone()
@@ -367,6 +390,7 @@ def train_stage(
         peak_memory_mb=round(peak, 1),
         trainable_parameters=counts,
         checkpoint=str(final) if step >= stage.steps else "",
+        forecast_refit=refit,
     )
     if accelerator.is_main_process:
         (out_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))

@@ -1,4 +1,5 @@
 import json
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -63,6 +64,40 @@ def test_every_stage_smoke_runs(stage, init_ckpt, train_data, tmp_path):
     # the final checkpoint is a plain UniMoE checkpoint (peft LoRA merged away)
     weights = load_file(str(tmp_path / "final" / "model.safetensors"))
     assert not any("lora_A." in k or "base_model" in k for k in weights)
+
+
+def test_a_stage_can_end_with_the_forecast_skip_refit(init_ckpt, tmp_path):
+    """``forecast_refit``: after its last step the stage refits the forecasting head's skip on the task's training
+    windows, reports it, and saves the refitted head (its validation forecasts score what the report says)."""
+    from unimoe.data.build import MARKER
+    from unimoe.data.records import read_split
+    from unimoe.data.tasks_points_series import build_forecast
+    from unimoe.eval.metrics import score
+    from unimoe.inference import load_pretrained
+
+    root = tmp_path / "data"
+    card = build_forecast(root / "ts_forecast", 0, stride_scale=6)  # a small build (every 6th window)
+    (root / "ts_forecast" / MARKER).write_text(json.dumps({"seed": 0, "card": asdict(card)}))
+    cfg = small("tune", data={"tasks": ["ts_forecast"]}, forecast_refit={"alphas": ["1e-2", 1.0]})
+    result = train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "run", data_root=root, progress=False)
+    report = result.forecast_refit
+    train, val = read_split(root / "ts_forecast", "train"), read_split(root / "ts_forecast", "validation")
+    assert report["train_windows"] == len(train) and report["validation_windows"] == len(val)
+    assert set(report["candidates"]) == {"0.01", "1"}
+    assert report["validation_mase_after"] <= report["validation_mase_before"]
+    saved = json.loads((tmp_path / "run" / "result.json").read_text())["forecast_refit"]
+    assert saved == report
+    model, processor = load_pretrained(result.checkpoint)
+    predictions = model.forecast(processor, val, batch_size=32)
+    mase = score(["mase"], predictions, [r["target"] for r in val], val)["mase"]
+    assert mase == pytest.approx(report["validation_mase_after"], rel=1e-3)
+
+
+def test_forecast_refit_section_is_validated_at_load():
+    with pytest.raises(ConfigError, match="forecast_refit.alphas"):
+        load_stage("tune", {"forecast_refit": {"alphas": [0.1, -1]}})
+    with pytest.raises(ConfigError, match=r"forecast_refit: unknown field\(s\) \['lambda'\]"):
+        load_stage("tune", {"forecast_refit": {"lambda": 1.0}})
 
 
 def test_media_text_tasks_must_be_trained_tasks(init_ckpt, train_data, tmp_path):
