@@ -50,6 +50,23 @@ def primary(task: str) -> tuple[str, bool]:
     return PRIMARY.get(task, ("accuracy", True))
 
 
+def baseline_floor(scores: dict, metric: str, higher: bool) -> float | None:
+    """The best baseline score of a task: ``metric`` itself, a variant ``metric_method`` (``accuracy_1nn``),
+    ``{method: {metric: x}}`` entries, or ``"method/metric"`` keys (not the per-series ``"method/metric/series"``
+    ones); the highest, or the lowest for lower-is-better."""
+    values = [scores[metric]] if isinstance(scores.get(metric), (int, float)) else []
+    for key, value in scores.items():
+        if isinstance(value, dict) and isinstance(value.get(metric), (int, float)):
+            values.append(value[metric])
+        elif isinstance(value, (int, float)) and (
+            (key.count("/") == 1 and key.endswith(f"/{metric}")) or ("/" not in key and key.startswith(f"{metric}_"))
+        ):
+            values.append(value)
+    if not values:
+        return None
+    return max(values) if higher else min(values)
+
+
 def run_recipe(recipe: str, out: Path, data: Path, extra: list[str] = ()) -> dict:
     if not (out / "run.json").is_file():
         start = time.perf_counter()
@@ -178,8 +195,7 @@ def main() -> int:
     for task in tasks:
         metric, higher = primary(task)
         scores = [report[r]["results"].get(task, {}).get(metric) for r in recipes]
-        floor = max((v.get(metric) for v in base.get(task, {}).values() if isinstance(v, dict) and metric in v),
-                    default=base.get(task, {}).get(metric))  # fmt: skip
+        floor = baseline_floor(base.get(task, {}), metric, higher)
         target, moe = TARGETS.get(task), scores[0] if scores else None
         verdict = []
         if moe is not None and target is not None:
