@@ -33,6 +33,7 @@ from unimoe.errors import ConfigError
 from .base import ENCODERS, MediaEncoder, MediaError, check_size
 
 #: channel layout of each ``features`` choice (xyz always first)
+POSES = ("none", "pca")
 FEATURE_CHANNELS = {"xyz": 3, "xyzrgb": 6, "xyznormal": 6, "xyzrgbnormal": 9}
 _DEFAULT_FEATURES = {3: "xyz", 6: "xyzrgb", 9: "xyzrgbnormal"}
 MESH_SUFFIXES = (".ply", ".obj", ".off", ".stl")
@@ -45,7 +46,8 @@ FPS_MAX_FACTOR = 16
 class PointCloudEncoderConfig:
     """``in_channels``: 3 (xyz), 6 (xyz + rgb, or xyz + normals with ``features="xyznormal"``) or 9
     (xyz + rgb + normals). ``features="auto"`` picks xyz / xyzrgb / xyzrgbnormal from ``in_channels``.
-    ``pointnet_dim`` (default ``dim``) is the width of the mini-PointNet's hidden stages."""
+    ``pointnet_dim`` (default ``dim``) is the width of the mini-PointNet's hidden stages. ``pose="pca"`` turns each
+    cloud into its canonical pose before encoding (:func:`canonical_pose`), for data in arbitrary orientations."""
 
     num_points: int = 1024
     num_groups: int = 64
@@ -58,6 +60,7 @@ class PointCloudEncoderConfig:
     features: str = "auto"
     mlp_ratio: float = 4.0
     pointnet_dim: int | None = None
+    pose: str = "none"  # none | pca
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -97,6 +100,8 @@ class PointCloudEncoderConfig:
             raise ConfigError(f"encoders.points.mlp_ratio: must be > 0, got {self.mlp_ratio}")
         if self.pointnet_dim is not None and self.pointnet_dim < 2:
             raise ConfigError(f"encoders.points.pointnet_dim: must be >= 2, got {self.pointnet_dim}")
+        if self.pose not in POSES:
+            raise ConfigError(f"encoders.points.pose: unknown {self.pose!r}; choose one of {', '.join(POSES)}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -329,6 +334,31 @@ def normalize_points(points: torch.Tensor) -> torch.Tensor:
     return torch.cat([xyz, points[:, 3:]], dim=-1)
 
 
+def canonical_pose(points: torch.Tensor, features: str = "xyz") -> torch.Tensor:
+    """The cloud rotated about its centroid into its principal axes: x along the direction of largest variance, z of
+    the smallest, each axis pointing where the points' third moment along it is positive, and a proper rotation
+    (z flipped if needed; normals rotate with the points, colours stay). A cloud and any rotation of it then get the
+    same coordinates, up to the sign of an axis along which the cloud is symmetric and the choice of axes among
+    equal variances (a sphere) — the classical PCA pose. A learned encoder no longer has to learn every orientation
+    from data: on shapes3d (random rotations), a point encoder with a linear head reached test accuracy 0.98-0.99
+    after 600-800 steps with it and 0.90-0.95 after 600-1000 without (session 20; README, "Results").  # (P, C)"""
+    xyz = points[:, :3].double()
+    center = xyz.mean(dim=0)
+    centered = xyz - center
+    _, axes = torch.linalg.eigh(centered.T @ centered / max(len(xyz), 1))  # (3, 3), ascending variance
+    axes = axes.flip(-1)
+    signs = torch.sign((centered @ axes).pow(3).mean(dim=0))
+    axes = axes * torch.where(signs == 0, torch.ones_like(signs), signs)
+    if torch.linalg.det(axes) < 0:
+        axes[:, 2] = -axes[:, 2]
+    out = points.clone()
+    out[:, :3] = (centered @ axes + center).to(points.dtype)
+    if "normal" in features:
+        start = FEATURE_CHANNELS[features] - 3  # normals are the last three channels
+        out[:, start:] = (points[:, start:].double() @ axes).to(points.dtype)
+    return out
+
+
 def resample_points(points: torch.Tensor, num_points: int, *, seed: int = 0) -> torch.Tensor:
     """Exactly ``num_points`` points, deterministically and independent of the input order: farthest point sampling
     when there are more (well spread), all points plus a seeded draw with replacement when there are fewer.
@@ -417,13 +447,15 @@ class PointCloudEncoder(MediaEncoder):
 
     @classmethod
     def preprocess(cls, media: Any, config: PointCloudEncoderConfig) -> dict[str, torch.Tensor]:
-        """``(P, C)`` points → ``{"values": (1, num_points, in_channels)}``: resampled, then normalized."""
+        """``(P, C)`` points → ``{"values": (1, num_points, in_channels)}``: resampled, normalized, then posed."""
         if not isinstance(media, np.ndarray) or media.dtype != np.float32 or media.ndim != 2:
             media = load_points(media, config)
         points = torch.from_numpy(np.ascontiguousarray(media))
         points = resample_points(points, config.num_points, seed=config.seed)  # (num_points, C)
         if config.normalize:
             points = normalize_points(points)
+        if config.pose == "pca":
+            points = canonical_pose(points, config.features)
         return {"values": points.unsqueeze(0).float()}
 
     @classmethod

@@ -11,6 +11,7 @@ from unimoe.encoders import ENCODERS, MediaError, build_encoder
 from unimoe.encoders.points import (
     PointCloudEncoder,
     PointCloudEncoderConfig,
+    canonical_pose,
     farthest_point_sample,
     farthest_point_sample_single,
     group_points,
@@ -143,6 +144,55 @@ def test_preprocess_normalizes_and_makes_tokens_translation_and_scale_invariant(
         assert torch.allclose(encoder(values), encoder(moved), atol=1e-4)
 
 
+def _rotation(seed: int) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.linalg.det(q) > 0 else -q
+
+
+def _skewed_cloud(n: int = 128) -> torch.Tensor:
+    """Distinct variances and a non-zero third moment along every axis: a cloud whose PCA pose is unique."""
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.exponential(size=(n, 3)) * np.array([3.0, 1.5, 0.5]) + np.array([1.0, -2.0, 0.5]))
+
+
+def test_canonical_pose_is_a_rotation_that_undoes_any_rotation():
+    cloud = _skewed_cloud()
+    posed = canonical_pose(cloud)
+
+    def distances(x):
+        return (x[:, None] - x[None]).norm(dim=-1)
+
+    assert torch.allclose(distances(posed), distances(cloud), atol=1e-9)  # a rigid motion
+    assert torch.allclose(posed.mean(0), cloud.mean(0), atol=1e-9)  # about the centroid
+    spread = (posed - posed.mean(0)).var(0)
+    assert spread[0] > spread[1] > spread[2]  # x along the largest variance
+    normals = torch.nn.functional.normalize(torch.randn(128, 3, dtype=torch.float64), dim=-1)
+    with_normals = torch.cat([cloud, normals], dim=1)
+    for seed in range(5):
+        rotation = _rotation(seed)
+        moved = canonical_pose(cloud @ rotation.T)
+        assert torch.allclose(moved - moved.mean(0), posed - posed.mean(0), atol=1e-8)
+        turned = torch.cat([cloud @ rotation.T, normals @ rotation.T], dim=1)
+        # normals turn with the points (colours would stay: only the last three channels of *normal features turn)
+        expected = canonical_pose(with_normals, "xyznormal")[:, 3:]
+        assert torch.allclose(canonical_pose(turned, "xyznormal")[:, 3:], expected, atol=1e-8)
+
+
+def test_pca_pose_makes_the_tokens_rotation_invariant():
+    config = tiny_config(pose="pca")
+    cloud = _skewed_cloud().float().numpy()
+    rotated = (cloud @ _rotation(3).float().numpy().T).astype(np.float32)
+    values = PointCloudEncoder.preprocess(cloud, config)["values"]
+    assert torch.allclose(values, PointCloudEncoder.preprocess(rotated, config)["values"], atol=1e-5)
+    plain = tiny_config()
+    assert not torch.allclose(
+        PointCloudEncoder.preprocess(cloud, plain)["values"],
+        PointCloudEncoder.preprocess(rotated, plain)["values"],
+        atol=1e-2,
+    )
+
+
 @pytest.mark.parametrize("count", [40, 128, 1000, 5000])
 def test_resampling_is_deterministic_order_free_and_exact(count):
     points = torch.from_numpy(np.random.default_rng(count).normal(size=(count, 3)).astype(np.float32))
@@ -189,6 +239,7 @@ def test_registry_build_and_load_pretrained(tmp_path):
         ({"dim": 0}, "encoders.points.dim"),
         ({"in_channels": 6, "features": "xyzrgbnormal"}, "encoders.points.features"),
         ({"features": "depth"}, "encoders.points.features"),
+        ({"pose": "icp"}, "encoders.points.pose"),
     ],
 )
 def test_config_errors_name_the_field(overrides, field):
