@@ -109,6 +109,20 @@ def test_a_forecast_needs_a_series_in_the_prompt(gen_model):
         model.generate_multimodal(processor, [{"role": "user", "content": "Forecast."}], output_modality="series")
 
 
+def test_a_forecast_the_model_chooses_without_a_series_is_dropped_not_raised(gen_model, emits):
+    """A badly trained model may write the forecasting token for a prompt without a series (seen in a 60-step
+    recipe's evaluation of spoken words): that reply gets no forecast; the batch's other replies are unaffected."""
+    model, processor = gen_model
+    emits("series")
+    series = np.sin(np.arange(40, dtype=np.float32))[:, None]
+    chats = [[{"role": "user", "content": "Say the word two."}],
+             [{"role": "user", "content": [{"type": "series", "array": series},
+                                           {"type": "text", "text": "Forecast the next 4 values."}]}]]  # fmt: skip
+    without, with_series = model.generate_multimodal(processor, chats, forecast_horizon=4)
+    assert not without.forecasts and not without.images and not without.audio
+    assert len(with_series.forecasts) == 1 and with_series.forecasts[0].point.shape == (4,)
+
+
 def test_a_checkpoint_without_an_image_decoder_says_so(tmp_path, capsys):
     from unimoe import cli
     from unimoe.inference import init_checkpoint, load_pretrained

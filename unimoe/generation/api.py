@@ -102,6 +102,13 @@ def generate_multimodal(
     outputs = [MultimodalOutput(text=t) for t in texts]
 
     requests = [(b, gen_ids[tokens[-1]]) for b, tokens in enumerate(new_tokens) if tokens and tokens[-1] in gen_ids]
+    if output_modality is None:
+        # A forecast continues the prompt's series. When the model itself chose to forecast (a poorly trained one
+        # may) with no series in the prompt, there is nothing to continue: that reply keeps its text and gets no
+        # forecast, instead of failing the whole batch. Asked for explicitly (output_modality), it stays an error.
+        series = model.config.media_token_ids.get("series")
+        requests = [(b, m) for b, m in requests
+                    if m != "series" or (series is not None and bool((prompt_ids[b] == series).any()))]  # fmt: skip
     for _, modality in requests:
         _require_head(model, modality)
     if requests:
