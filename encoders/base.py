@@ -72,13 +72,17 @@ def check_conv_fields(where: str, config: Any, *int_fields: str) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"{where}.{name}: must be an integer >= 1, got {value!r}")
-    widths = config.widths
+    check_channels(f"{where}.widths", config.widths)
+
+
+def check_channels(field_name: str, value: Any) -> None:
+    """``value`` is a non-empty list of positive channel counts; the error names ``field_name``."""
     if (
-        not isinstance(widths, (list, tuple))
-        or not widths
-        or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths)
+        not isinstance(value, (list, tuple))
+        or not value
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in value)
     ):
-        raise ConfigError(f"{where}.widths: expected a list of positive channel counts, got {widths!r}")
+        raise ConfigError(f"{field_name}: expected a list of positive channel counts, got {value!r}")
 
 
 class MediaEncoder(nn.Module, abc.ABC):

@@ -25,7 +25,7 @@ import torch
 
 from unimoe.errors import ConfigError
 
-from .base import ENCODERS, MediaEncoder, MediaError, check_conv_fields, check_size
+from .base import ENCODERS, MediaEncoder, MediaError, check_channels, check_conv_fields, check_size
 
 
 @dataclass
@@ -49,12 +49,7 @@ class ImageEncoderConfig:
             raise ConfigError(f"encoders.image.backend: unknown backend {self.backend!r}; choose 'timm' or 'open_clip'")
         if self.conv_stem is not None:
             stem = self.conv_stem
-            if (
-                not isinstance(stem, (list, tuple))
-                or not stem
-                or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in stem)
-            ):
-                raise ConfigError(f"encoders.image.conv_stem: expected a list of positive channel counts, got {stem!r}")
+            check_channels("encoders.image.conv_stem", stem)
             if self.backend != "timm":
                 raise ConfigError("encoders.image.conv_stem: only the timm backend takes a convolutional stem")
             if self.patch_size != 2 ** len(stem):

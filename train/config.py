@@ -61,13 +61,6 @@ class LoraSpec:
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
 
-def _number(value: Any) -> Any:
-    try:
-        return float(value) if isinstance(value, str) else value
-    except ValueError:
-        return value
-
-
 @dataclass
 class ForecastRefitSpec:
     """After the stage's last step: refit the forecasting head's linear skip in closed form on ``task``'s training
@@ -79,7 +72,6 @@ class ForecastRefitSpec:
 
     def __post_init__(self) -> None:
         alphas = self.alphas if isinstance(self.alphas, list) else [self.alphas]
-        alphas = [_number(a) for a in alphas]  # YAML 1.1 reads 1e-3 as a string
         if not alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 for a in alphas):
             raise ConfigError(f"forecast_refit.alphas: a list of positive numbers, got {self.alphas!r}")
         self.alphas = [float(a) for a in alphas]

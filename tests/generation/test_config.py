@@ -54,3 +54,16 @@ def test_model_config_checks_heads_against_encoders_and_tokens():
 
 def test_yaml_strings_become_numbers():
     assert head_config("image", {"guidance_scale": "3.5"}).guidance_scale == 3.5
+    # the elements of list[float] fields too (YAML 1.1 reads 1e-1 as a string); other strings stay for the config's
+    # own check to name
+    from dataclasses import dataclass, field
+
+    from unimoe.config_utils import config_from_dict
+
+    @dataclass
+    class Spec:
+        rates: list[float] = field(default_factory=list)
+        names: list[str] | None = None
+
+    spec = config_from_dict(Spec, {"rates": ["1e-1", 2, "x"], "names": ["1e-1"]}, where="spec")
+    assert spec.rates == [0.1, 2, "x"] and spec.names == ["1e-1"]

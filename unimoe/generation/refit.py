@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from unimoe.errors import ConfigError
+
 DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
@@ -139,8 +141,6 @@ def refit_forecast_skip(
     For every horizon step ``j`` (over the windows that have a target there):
     ``theta_j = theta0_j + (X^T X + a I)^-1 X^T (y_j - mlp_j - X theta0_j)``, with ``a = alpha * mean(diag(X^T X))``.
     """
-    from unimoe.errors import ConfigError
-
     heads = getattr(getattr(model, "model", None), "generation_heads", {})
     head = dict(heads).get("series")  # an nn.ModuleDict has no get()
     if head is None or head.skip is None:
