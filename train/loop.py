@@ -1,10 +1,14 @@
 """One training loop for every stage, on 🤗 accelerate.
 
-Single process, multi-process DDP (gloo on CPU; ``unimoe train --nproc N`` launches it with torchrun), and the
-FSDP / DeepSpeed configs accelerate reads from its environment for people with GPUs. Gradient accumulation, fp32 on
-CPU and bf16 on GPU, cosine schedule with warm-up, gradient clipping, a deterministic modality-balanced sample
-schedule, atomic checkpoints every N steps with ``resume``, a progress bar with loss, throughput and ETA, and metrics
-to TensorBoard and a JSONL log — routing metrics per modality included, with a warning when a router collapses.
+Single process and multi-process DDP (gloo on CPU, NCCL on GPUs; ``unimoe train --nproc N`` launches it with torchrun).
+FSDP and DeepSpeed are not supported yet: the final save and the forecasting refit use the main process's copy of
+the model, which under FSDP / ZeRO-3 holds only its shard (accelerate's ``get_state_dict`` gathering is the missing
+piece; accelerate turns FSDP on only on accelerators, and no GPU was available to test it).
+
+Gradient accumulation, fp32 on CPU and bf16 on GPU, cosine schedule with warm-up, gradient clipping, a deterministic
+modality-balanced sample schedule, atomic checkpoints every N steps with ``resume``, a progress bar with loss,
+throughput and ETA, and metrics to TensorBoard and a JSONL log — routing metrics per modality included, with a
+warning when a router collapses.
 """
 
 from __future__ import annotations
@@ -197,6 +201,9 @@ def train_stage(
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):  # see the module docstring
+        raise ConfigError(f"stage {stage.name}: {accelerator.distributed_type.name} is not supported yet; "
+                          "launch with `unimoe train --nproc N` (DDP)")  # fmt: skip
     if stage.batch_size % accelerator.num_processes:
         n = accelerator.num_processes
         raise ConfigError(f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by {n} processes")

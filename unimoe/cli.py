@@ -4,6 +4,7 @@ the handlers so ``unimoe --help`` is fast. Errors a user can cause print one lin
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -202,6 +203,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return subprocess.call(cmd)
     _quiet_transformers()
     result = train_stage(stage, init=args.init, out_dir=args.out, data_root=args.data, resume=args.resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun every process returns here; one summary line is enough
+        return 0
     print(f"stage {result.name}: {result.steps} steps, loss {result.final_loss:.4f}, "
           f"{result.tokens_per_second:.0f} tokens/s -> {result.checkpoint or args.out}")  # fmt: skip
     return 0
