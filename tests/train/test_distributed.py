@@ -17,6 +17,7 @@ def run_stage(init, data, out, nproc):
            "trainable={attention: true, experts: true, connectors: true}"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("stage align:") == 1, proc.stdout  # one summary line, not one per process
     return [json.loads(x)["loss"] for x in (out / "train_log.jsonl").read_text().splitlines()]
 
 
