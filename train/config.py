@@ -7,9 +7,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from unimoe.config_utils import config_from_dict
+from unimoe.config_utils import config_from_dict, read_yaml
 from unimoe.errors import ConfigError
 from unimoe.generation.refit import DEFAULT_ALPHAS
 from unimoe.presets import apply_overrides
@@ -299,7 +297,7 @@ def _load_yaml(kind: str, name_or_path: str | Path) -> tuple[dict[str, Any], Pat
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in _configs_dir(kind).glob("*.yaml")))
         raise ConfigError(f"unknown {kind[:-1]} {str(name_or_path)!r}; choose one of: {known} (or a YAML path)")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping")
     return data, path

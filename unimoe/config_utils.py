@@ -2,10 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from unimoe.errors import ConfigError
+
+
+def read_yaml(path: Path, text: str | None = None) -> Any:
+    """The YAML document in ``path`` (or ``text``, named by ``path``); a syntax error is a ConfigError naming the file
+    and the line, not a parser traceback."""
+    import yaml
+
+    try:
+        return yaml.safe_load(path.read_text() if text is None else text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{where}: not valid YAML ({problem})") from None
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
 
 
 def config_from_dict(cls: type, data: dict[str, Any] | Any, *, where: str) -> Any:
@@ -38,9 +56,46 @@ def _float_or_same(value: Any) -> Any:
         return value  # the config's own check names the field
 
 
+def _scalar_kinds(hint: Any) -> tuple[set, bool]:
+    """The plain scalar types (``int``, ``float``, ``bool``, ``str``) a field hint allows, and whether it allows
+    ``None``. Other hints (lists, dicts, literals) give an empty set: the config's own checks judge those."""
+    import types
+    import typing
+
+    args = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
+    if not args <= {int, float, bool, str, type(None)}:
+        return set(), False
+    return args - {type(None)}, type(None) in args
+
+
+def _checked_value(value: Any, kinds: set, nullable: bool, where: str) -> Any:
+    """``value`` as the field's scalar type, or a ConfigError naming the field. Strings become numbers (YAML 1.1
+    reads ``2e-3`` as a string; ``key=value`` overrides may arrive as strings), integral floats become ints."""
+    if value is None and nullable:
+        return value
+    if float in kinds or int in kinds:
+        if isinstance(value, str):
+            with contextlib.suppress(ValueError):  # left as is: the message below names it
+                value = float(value) if float in kinds else int(value)
+        if isinstance(value, float) and int in kinds and float not in kinds and value.is_integer():
+            value = int(value)
+        ok_types = (int, float) if float in kinds else (int,)
+        if isinstance(value, ok_types) and not isinstance(value, bool):
+            return float(value) if float in kinds and int not in kinds else value
+        want = "a number" if float in kinds else "an integer"
+        raise ConfigError(f"{where}: expected {want}, got {value!r}")
+    if bool in kinds and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if str in kinds and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
 def _coerce_numbers(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
-    """YAML 1.1 reads ``2e-3`` as a string: turn strings into numbers for fields typed ``int`` / ``float``, and the
-    elements of fields typed ``list[float]`` (a lone string there becomes a number too)."""
+    """Check and convert the fields typed ``int`` / ``float`` / ``bool`` / ``str`` (optionally ``| None``) and the
+    elements of fields typed ``list[float]`` (a lone string there becomes a number too): strings become numbers
+    (YAML 1.1 reads ``2e-3`` as a string), and a value of the wrong type is a ConfigError naming the field instead
+    of a ``TypeError`` deep inside a comparison later."""
     import typing
 
     try:
@@ -55,15 +110,15 @@ def _coerce_numbers(cls: type, data: dict[str, Any], where: str) -> dict[str, An
         if float in _list_element_types(hint):
             out[name] = [_float_or_same(v) for v in value] if isinstance(value, list) else _float_or_same(value)
             continue
-        if not isinstance(value, str):
-            continue
-        args = set(typing.get_args(hint)) or {hint}
-        for kind in (int, float):
-            if kind in args:
-                try:
-                    out[name] = kind(value) if kind is float else int(value)
-                    break
-                except ValueError:
-                    if kind is float:
-                        raise ConfigError(f"{where}.{name}: expected a number, got {value!r}") from None
+        kinds, nullable = _scalar_kinds(hint)
+        if kinds:
+            out[name] = _checked_value(value, kinds, nullable, f"{where}.{name}")
     return out
+
+
+def check_dataclass_fields(obj: Any, where: str) -> None:
+    """:func:`_coerce_numbers` on a constructed dataclass, in place (for configs built with keyword arguments)."""
+    data = {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
+    for name, value in _coerce_numbers(type(obj), data, where).items():
+        if value is not data[name]:
+            object.__setattr__(obj, name, value)

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
+from unimoe.config_utils import read_yaml
 from unimoe.configuration_unimoe import UniMoEConfig
 from unimoe.errors import ConfigError
 
@@ -37,7 +37,7 @@ def load_preset(name_or_path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"unknown model preset {str(name_or_path)!r}; choose one of: {', '.join(list_presets())}")
     elif not path.is_file():
         raise ConfigError(f"model preset file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = read_yaml(path) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a model preset must be a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - PRESET_KEYS)
@@ -80,7 +80,7 @@ def parse_cli_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value")
         key, value = item.split("=", 1)
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = read_yaml(Path(f"override {key.strip()}"), value)
     return out
 
 
@@ -103,7 +103,13 @@ def build_config(preset: str | Path = "tiny", overrides: dict[str, Any] | None =
 
         builtin = builtin_generation_token_ids()
         fields.setdefault("generation_token_ids", {m: builtin[m] for m in data["generation"] if m in builtin})
-    return UniMoEConfig(**fields)
+    from huggingface_hub.errors import StrictDataclassError
+
+    try:
+        return UniMoEConfig(**fields)
+    except StrictDataclassError as err:  # transformers' typed configs: "Field 'hidden_size' expected int, got str"
+        detail = str(err).strip().splitlines()[-1].strip().removeprefix("TypeError: ").removeprefix("ValueError: ")
+        raise ConfigError(f"{detail} (in text_config or another transformers config field)") from None
 
 
 def build_model(

@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from unimoe.config_utils import check_dataclass_fields
 from unimoe.errors import ConfigError
 
 RoutingMode = Literal["topk", "topp"]
@@ -70,6 +71,7 @@ class MoEConfig:
     dispatch: DispatchBackend = "auto"
 
     def __post_init__(self) -> None:
+        check_dataclass_fields(self, "moe")  # "2" -> 2; "abc" or 1.5 for top_k -> one line naming the field
         self.validate()
 
     # ------------------------------------------------------------------ validation
@@ -163,6 +165,8 @@ class MoEConfig:
     def from_dict(cls, data: dict[str, Any] | MoEConfig | None) -> MoEConfig:
         if isinstance(data, MoEConfig):
             return data
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"moe: expected a mapping of MoE settings, got {data!r}")
         data = dict(data or {})
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
