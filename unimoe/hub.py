@@ -158,6 +158,7 @@ def save_checkpoint(
     ``extra_files`` maps paths inside the checkpoint (e.g. ``images/expert_load.png``, which the card's ``notes``
     can show) to files copied there."""
     out_dir = Path(out_dir)
+    check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
     if tmp.exists():
@@ -187,13 +188,25 @@ def save_checkpoint(
     return out_dir
 
 
+def check_replaceable(out_dir: Path) -> None:
+    """A checkpoint may be written to a new path, an empty directory, or over an older checkpoint (a directory with
+    ``config.json``) — never over a file or a directory of other things, which the atomic swap would delete."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise CheckpointError(f"{out_dir} is a file; give a directory for the checkpoint")
+    if out_dir.is_dir() and not (out_dir / "config.json").is_file() and any(out_dir.iterdir()):
+        raise CheckpointError(
+            f"{out_dir} is a directory that holds other files and no checkpoint; give a new or empty directory "
+            "(an existing checkpoint is replaced)"
+        )
+
+
 def _replace_dir(src: Path, dst: Path) -> None:
     """Move ``src`` to ``dst``; an existing ``dst`` is renamed aside first and removed only after the swap."""
     old = dst.parent / f".{dst.name}.old-{os.getpid()}"
     if dst.exists():
         os.replace(dst, old)
     os.replace(src, dst)
-    if old.exists():
+    if old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
 
 

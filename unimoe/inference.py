@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from unimoe.errors import CheckpointError, ConfigError
-from unimoe.hub import check_checkpoint_dir, save_checkpoint
+from unimoe.hub import check_checkpoint_dir, check_replaceable, save_checkpoint
 
 
 def init_checkpoint(
@@ -27,6 +27,7 @@ def init_checkpoint(
     from unimoe.processing_unimoe import UniMoEProcessor
     from unimoe.tokenizer import build_tokenizer
 
+    check_replaceable(Path(out))
     preset_data = apply_overrides(load_preset(preset), overrides or {})
     tok_spec = preset_data.get("tokenizer") or {}
     if tokenizer_path is not None:

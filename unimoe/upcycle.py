@@ -18,7 +18,7 @@ import torch
 
 from unimoe.configuration_unimoe import SUPPORTED_DECODERS, UniMoEConfig
 from unimoe.errors import CheckpointError, ConfigError
-from unimoe.hub import check_checkpoint_dir, save_checkpoint
+from unimoe.hub import check_checkpoint_dir, check_replaceable, save_checkpoint
 from unimoe.moe import LoRAExperts, SparseMoEBlock, SwiGLUExperts
 
 
@@ -112,6 +112,7 @@ def upcycle_checkpoint(src: str | Path, out: str | Path, *, dtype: str = "float3
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     src = check_checkpoint_dir(src)
+    check_replaceable(Path(out))  # before the (possibly large) dense model is read
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
         raise ConfigError(f"upcycle: unknown dtype {dtype!r}; use float32, bfloat16 or float16")
