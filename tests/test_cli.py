@@ -28,6 +28,12 @@ def test_info_lists_presets_and_counts(capsys):
         (["info", "tiny", "moe.top_k=9"], "moe.top_k"),
         (["info", "tiny", "moe.expert_type=banana"], "moe.expert_type"),
         (["info", "tiny", "text_config.hidden_size=63"], "text_config.hidden_size"),
+        (["info", "tiny", "moe.top_k=abc"], "moe.top_k: expected an integer, got 'abc'"),
+        (["info", "tiny", "moe.top_k=1.5"], "moe.top_k: expected an integer, got 1.5"),
+        (["info", "tiny", "moe.top_p=high"], "moe.top_p: expected a number"),
+        (["info", "tiny", "moe=3"], "moe: expected a mapping"),
+        (["info", "tiny", "text_config.hidden_size=abc"], "'hidden_size' expected int"),
+        (["info", "tiny", "moe={top_k: 2"], "override moe, line 1: not valid YAML"),
         (["info", "no-such-preset"], "unknown model preset"),
         (["upcycle", "/no/such/dir", "/tmp/x", "--num-experts", "4", "--top-k", "2"], "does not exist"),
         (["push", "/no/such/dir", "me/x"], "does not exist"),
@@ -79,3 +85,40 @@ def test_smoke_runs_end_to_end(tmp_path):
     assert summary["last_lm_loss"] < summary["first_lm_loss"]
     assert (tmp_path / "routing_heatmap.png").stat().st_size > 1000
     assert (tmp_path / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_a_malformed_yaml_file_is_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: [\n")
+    for args in (["info", str(bad)], ["train", str(bad), "--init", str(tmp_path), "--out", str(tmp_path / "o")]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"{bad}, line 2: not valid YAML" in err, err
+
+
+def test_init_never_deletes_what_is_at_out(tmp_path, capsys):
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("keep me")
+    assert main(["init", "tiny", str(keep)]) == 2
+    assert "holds other files and no checkpoint" in capsys.readouterr().err
+    assert (keep / "notes.txt").read_text() == "keep me"
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main(["init", "tiny", str(afile)]) == 2
+    assert "is a file" in capsys.readouterr().err and afile.read_text() == "x"
+    ckpt = tmp_path / "ckpt"
+    assert main(["init", "tiny", str(ckpt)]) == 0
+    assert main(["init", "tiny", str(ckpt), "--seed", "1"]) == 0  # an older checkpoint is replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ckpt", "mine"]  # nothing left aside
+
+
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    ckpt = tmp_path / "ckpt"
+    assert main(["init", "tiny", str(ckpt)]) == 0
+    capsys.readouterr()
+    assert main(["chat", str(ckpt), "hi", "--save-dir", str(afile), "--output", "image"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{afile}: exists and is not a directory" in err, err

@@ -81,3 +81,18 @@ def test_registered_with_auto_classes():
     assert MODEL_FOR_CAUSAL_LM_MAPPING[UniMoEConfig] is unimoe.UniMoEForConditionalGeneration
     model = AutoModelForCausalLM.from_config(UniMoEConfig(text_config=tiny_text()))
     assert isinstance(model, unimoe.UniMoEForConditionalGeneration)
+
+
+def test_scalar_fields_are_converted_or_named():
+    from unimoe.moe import MoEConfig
+
+    assert MoEConfig.from_dict({"top_k": "2", "top_p": "0.5", "num_experts": 4.0}).top_k == 2
+    assert MoEConfig.from_dict({"top_p": "0.5"}).top_p == 0.5
+    assert MoEConfig.from_dict({"num_experts": 4.0}).num_experts == 4
+    for bad, message in [({"top_k": "two"}, "moe.top_k: expected an integer"), ({"top_k": 1.5}, "moe.top_k"),
+                         ({"top_k": True}, "moe.top_k"), ({"aux_loss_coef": "x"}, "moe.aux_loss_coef: expected a "),
+                         ({"norm_topk_prob": "yes"}, "moe.norm_topk_prob: expected true or false"),
+                         ({"capacity_factor": [1]}, "moe.capacity_factor")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            MoEConfig.from_dict(bad)
+    assert MoEConfig.from_dict({"capacity_factor": None}).capacity_factor is None

@@ -19,30 +19,46 @@ from unimoe.train.augment import Augmenter
 from unimoe.train.config import DataMix
 
 
+def built_tasks(data_root: str | Path) -> list[str]:
+    """The names of the complete built tasks under ``data_root``, sorted."""
+    root = Path(data_root)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and read_marker(p) is not None)
+
+
 class TrainData:
     """The records of a stage's tasks. ``generation`` names the modalities the model can generate: records whose
     answer is such a medium train its head (forecasting records become series targets), other media answers are
     skipped; text answers always train the LM."""
 
     def __init__(self, data_root: str | Path, mix: DataMix, *, generation: set[str] | frozenset[str] = frozenset()):
-        if not mix.tasks:
-            raise ConfigError("data.tasks: a training stage needs at least one task")
-        self.tasks = list(mix.tasks)
+        # no tasks named (the stage presets): every task built under data_root that this model can train on
+        every = not mix.tasks
+        names = list(mix.tasks) or built_tasks(data_root)
+        if not names:
+            raise ConfigError(f"data.tasks: none given and no task built under {data_root} (`unimoe data build`)")
+        self.tasks: list[str] = []
         self.mix = mix
         self.records: list[list[dict[str, Any]]] = []
         self.modality: list[str] = []
-        for name in self.tasks:
+        for name in names:
             path = task_dir(data_root, name)
             records = [
                 t for t in (training_record(r, generation) for r in read_split(path, mix.split)) if t is not None
             ]
+            if not records and every:
+                continue  # e.g. a generation task for a model without that head
             if not records:
                 raise ConfigError(
                     f"data.tasks: {name} has no {mix.split} records this model can train on (text answers, or media "
                     f"answers of its generation heads: {sorted(generation) or 'none'})"
                 )
+            self.tasks.append(name)
             self.records.append(records)
             self.modality.append(read_marker(path)["card"]["modality"])
+        if not self.tasks:
+            raise ConfigError(f"data.tasks: no task under {data_root} has records this model can train on")
 
     def schedule(self, steps: int, batch_size: int, seed: int) -> np.ndarray:
         """``(steps * batch_size, 2)`` task / record indices."""

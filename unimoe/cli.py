@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from unimoe.errors import UniMoEError
+from unimoe.errors import ConfigError, UniMoEError
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -35,6 +35,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     if Path(args.model).is_dir():
         from transformers import AutoConfig
+
+        if args.overrides:
+            raise ConfigError(f"info {args.model}: key=value overrides apply to presets, not to a saved checkpoint")
 
         import unimoe  # noqa: F401
         from unimoe.modeling_unimoe import UniMoEForConditionalGeneration
@@ -340,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("run", help="run a whole recipe: data, stages, evaluation, final checkpoint")
-    p.add_argument("recipe", help="recipe preset (tiny, dense) or YAML file")
+    p.add_argument("recipe", help="recipe preset (tiny, dense, tiny_fg: configs/recipes/) or YAML file")
     p.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
     p.add_argument("--out", required=True)
     p.add_argument("--data", default="data", help="directory of the built suite (built if missing)")

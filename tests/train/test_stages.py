@@ -47,6 +47,11 @@ def test_bad_stage_configs_name_the_field():
         load_stage("align", {"media_text_temperature": 0})
     with pytest.raises(ConfigError, match="media_text_tasks must be a list of task names"):
         load_stage("align", {"media_text_tasks": "digits_cls"})
+    with pytest.raises(ConfigError, match=r"stage align.steps: expected an integer, got 2.5"):
+        load_stage("align", {"steps": 2.5})
+    with pytest.raises(ConfigError, match=r"lora.r: expected an integer, got 'abc'"):
+        load_stage("tune", {"lora": {"r": "abc"}}).lora_spec
+    assert load_stage("align", {"steps": "7", "lr": "2e-3"}).steps == 7  # key=value strings are converted
 
 
 @pytest.mark.parametrize("stage", ["align", "specialize", "tune"])
@@ -354,3 +359,13 @@ def test_router_warmup_trains_only_the_routers(init_ckpt, train_data, tmp_path):
     train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False)
     changed = _weights_changed(before, tmp_path)
     assert changed and all(".mlp.router." in k for k in changed), sorted(changed)[:5]
+
+
+def test_a_stage_without_tasks_trains_on_every_built_task(train_data, tmp_path):
+    from unimoe.train.config import DataMix
+    from unimoe.train.data import TrainData
+
+    data = TrainData(train_data, DataMix())  # the stage presets ship `tasks: []`
+    assert data.tasks == ["digits_cls", "text_qa"] and all(data.records)
+    with pytest.raises(ConfigError, match="no task built under"):
+        TrainData(tmp_path, DataMix())
