@@ -158,3 +158,16 @@ def test_reloaded_moe_blocks_rebuild_their_non_persistent_buffers(tmp_path):
     for block in blocks:
         assert torch.equal(block.modality_target, want)
         assert torch.equal(block._load_since_update, torch.zeros_like(block._load_since_update))
+
+
+def test_missing_local_paths_fail_at_once_hub_ids_go_to_the_hub(tmp_path, monkeypatch):
+    from unimoe.hub import looks_local
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for local in ("runs/missing", "./x", "/abs/x", "a/b/c", "~/x"):
+        assert looks_local(local), local
+    for hub_id in ("Qwen/Qwen2.5-0.5B", "gpt2"):
+        assert not looks_local(hub_id), hub_id
+    with pytest.raises(CheckpointError, match="runs/missing does not exist"):
+        load_model("runs/missing")

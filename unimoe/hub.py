@@ -224,13 +224,23 @@ def check_checkpoint_dir(path: str | Path) -> Path:
     return path
 
 
+def looks_local(path: str | Path) -> bool:
+    """Whether ``path`` names a local directory rather than a Hub id (``org/name``): it exists, starts with ``.``,
+    ``/`` or ``~``, has more than one ``/``, or its first component is a local directory (``runs/x`` beside an
+    existing ``runs/``). A missing local path then fails at once with one line instead of minutes of Hub retries."""
+    text = str(path)
+    if Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+        return True
+    return "/" in text and Path(text.split("/", 1)[0]).is_dir()
+
+
 def load_model(path: str | Path, **kwargs: Any):
     """Load a UniMoE (or supported dense) causal LM from a local directory or a Hub id, safetensors only."""
     from transformers import AutoModelForCausalLM
 
     import unimoe  # noqa: F401  (registers the model type)
 
-    if Path(path).exists() or str(path).startswith((".", "/")):
+    if looks_local(path):
         check_checkpoint_dir(path)
     kwargs.setdefault("use_safetensors", True)
     try:
