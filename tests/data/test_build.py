@@ -62,3 +62,8 @@ def test_suite_card_and_errors(tmp_path):
         build_suite(tmp_path, ["nope"], progress=False)
     with pytest.raises(DataError, match="does not exist"):
         task_dir(tmp_path / "missing", "text_qa")
+
+
+def test_a_misspelled_task_is_named_as_unknown(tmp_path):
+    with pytest.raises(DataError, match="unknown task 'text_q'.*tasks: .*text_qa"):
+        task_dir(tmp_path, "text_q")

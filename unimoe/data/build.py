@@ -193,6 +193,8 @@ def task_dir(data_root: str | Path, name: str) -> Path:
             f"data directory {data_root} does not exist; build it with `unimoe data build --out {data_root}`"
         )
     if read_marker(path) is None:
+        if name not in list_tasks():  # not a task `unimoe data build` knows: building it would fail too
+            raise DataError(f"unknown task {name!r} (not built in {data_root}); tasks: {', '.join(list_tasks())}")
         raise DataError(
             f"task {name!r} in {data_root} is missing or incomplete; run `unimoe data build --out {data_root} "
             f"--tasks {name}`"
