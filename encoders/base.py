@@ -35,6 +35,15 @@ class MediaError(UniMoEError, ValueError):
         super().__init__(f"{self.source}: {problem}")
 
 
+def npy_problem(err: Exception) -> str:
+    """What is wrong with a ``.npy`` that ``np.load(..., allow_pickle=False)`` refused. Without a NumPy header numpy
+    says the file holds pickled data and suggests ``allow_pickle``, which is never the fix here."""
+    text = str(err)
+    if "pickled" in text or "allow_pickle" in text:
+        return "not a .npy array (no NumPy array header; pickled or other data is never loaded)"
+    return f"not a readable .npy array ({text})"
+
+
 def describe_source(source: Any) -> str:
     if isinstance(source, (str, Path)):
         return str(source)

@@ -30,7 +30,7 @@ from torch import nn
 
 from unimoe.errors import ConfigError
 
-from .base import ENCODERS, MediaEncoder, MediaError, check_size
+from .base import ENCODERS, MediaEncoder, MediaError, check_size, npy_problem
 
 #: channel layout of each ``features`` choice (xyz always first)
 POSES = ("none", "pca")
@@ -235,7 +235,7 @@ def _read_npy_points(source: Any, data: bytes) -> np.ndarray:
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
-        raise MediaError(source, f"not a readable .npy array ({err})") from None
+        raise MediaError(source, npy_problem(err)) from None
     if array.ndim == 2 and array.shape[0] == 0:
         raise MediaError(source, "the point cloud has zero points")
     return _as_float_array(source, array)

@@ -32,7 +32,7 @@ from torch import nn
 
 from unimoe.errors import ConfigError
 
-from .base import ENCODERS, MediaEncoder, MediaError, check_conv_fields, check_size
+from .base import ENCODERS, MediaEncoder, MediaError, check_conv_fields, check_size, npy_problem
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": None}
 #: names of a leading *numeric* column that is a time axis, not a channel (compared lower-case)
@@ -223,7 +223,7 @@ def load_series(source: Any, config: TimeSeriesEncoderConfig, *, max_bytes: int 
         try:
             array = np.load(io.BytesIO(data), allow_pickle=False)
         except (ValueError, OSError, EOFError) as err:
-            raise MediaError(source, f"not a readable .npy array ({err})") from None
+            raise MediaError(source, npy_problem(err)) from None
     else:
         array = _read_table(source, data, TABLE_SUFFIXES[suffix])
     return _check_series(source, array, config)

@@ -24,6 +24,7 @@ from transformers.processing_utils import ProcessorMixin
 from unimoe.configuration_unimoe import strip_component_keys
 from unimoe.connectors import connector_tokens
 from unimoe.encoders import MediaError, encoder_class
+from unimoe.encoders.base import npy_problem
 from unimoe.errors import ConfigError, InputError
 
 IGNORE_INDEX = -100
@@ -53,7 +54,7 @@ def guess_modality(path: str | Path) -> str:
         try:
             array = np.load(path, allow_pickle=False, mmap_mode="r")
         except (OSError, ValueError) as err:
-            raise MediaError(path, f"not a readable .npy array ({err})") from None
+            raise MediaError(path, npy_problem(err)) from None
         return "points" if array.ndim == 2 and array.shape[1] in (3, 6, 9) else "series"
     if suffix not in SUFFIX_MODALITY:
         raise MediaError(path, f"cannot tell the modality of a {suffix or 'suffix-less'} file; pass --modality")

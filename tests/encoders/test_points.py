@@ -310,6 +310,7 @@ EMPTY_PLY = (
         ("flat.npy", np.zeros((10, 2), np.float32), "2 channels"),
         ("text.xyz", "1 2 3\n4 five 6\n", "table of numbers"),
         ("nothing.npy", b"", "empty"),
+        ("random.npy", bytes(range(256)) * 3, r"no NumPy array header; pickled or other data is never loaded\)$"),
         ("cloud.las", "1 2 3\n", "unsupported"),
     ],
 )
