@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,6 +134,8 @@ class ChatEngine:
         self.model = model.eval()
         self.processor = processor
         self.output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="unimoe-demo-"))
+        if not output_dir:  # our own scratch folder: removed when the engine goes away or the process exits
+            weakref.finalize(self, shutil.rmtree, str(self.output_dir), ignore_errors=True)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         limit = getattr(processor, "max_file_bytes", None)
         self.max_file_bytes = max_file_bytes if max_file_bytes is not None else limit

@@ -133,9 +133,11 @@ def cmd_chat(args: argparse.Namespace) -> int:
         num_inference_steps=args.steps,
         guidance_scale=args.guidance,
     )
+    made = len(reply.images) + len(reply.audio) + len(reply.forecasts)
     if reply.text:
         print(reply.text)
-    made = len(reply.images) + len(reply.audio) + len(reply.forecasts)
+    elif not made:
+        print("(the model returned no text)")
     if made and args.save_dir is None:
         print(f"(generated {made} media item(s); pass --save-dir DIR to write them)")
     elif made:
