@@ -56,22 +56,22 @@ def _float_or_same(value: Any) -> Any:
         return value  # the config's own check names the field
 
 
-def _scalar_kinds(hint: Any) -> tuple[set, bool]:
-    """The plain scalar types (``int``, ``float``, ``bool``, ``str``) a field hint allows, and whether it allows
-    ``None``. Other hints (lists, dicts, literals) give an empty set: the config's own checks judge those."""
+def _scalar_kinds(hint: Any) -> set:
+    """The plain scalar types (``int``, ``float``, ``bool``, ``str``) a field hint allows (``| None`` aside). Other
+    hints (lists, dicts, literals) give an empty set: the config's own checks judge those."""
     import types
     import typing
 
     args = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
     if not args <= {int, float, bool, str, type(None)}:
-        return set(), False
-    return args - {type(None)}, type(None) in args
+        return set()
+    return args - {type(None)}
 
 
-def _checked_value(value: Any, kinds: set, nullable: bool, where: str) -> Any:
+def _checked_value(value: Any, kinds: set, where: str) -> Any:
     """``value`` as the field's scalar type, or a ConfigError naming the field. Strings become numbers (YAML 1.1
     reads ``2e-3`` as a string; ``key=value`` overrides may arrive as strings), integral floats become ints."""
-    if value is None and nullable:
+    if value is None:  # allowed where the hint says so; elsewhere the config's own check decides (some read it as 0)
         return value
     if float in kinds or int in kinds:
         if isinstance(value, str):
@@ -110,9 +110,9 @@ def _coerce_numbers(cls: type, data: dict[str, Any], where: str) -> dict[str, An
         if float in _list_element_types(hint):
             out[name] = [_float_or_same(v) for v in value] if isinstance(value, list) else _float_or_same(value)
             continue
-        kinds, nullable = _scalar_kinds(hint)
+        kinds = _scalar_kinds(hint)
         if kinds:
-            out[name] = _checked_value(value, kinds, nullable, f"{where}.{name}")
+            out[name] = _checked_value(value, kinds, f"{where}.{name}")
     return out
 
 

@@ -123,7 +123,7 @@ def test_bad_requests_fail_clearly(model_and_processor, data_root, tmp_path):
         evaluate(model, processor, toy_specs()[:1], out_dir=tmp_path, data_root=data_root, limit=0)
     with pytest.raises(DataError, match="does not exist"):
         evaluate(model, processor, toy_specs()[:1], out_dir=tmp_path, data_root=tmp_path / "missing")
-    with pytest.raises(DataError, match="missing or incomplete"):
+    with pytest.raises(DataError, match="unknown task 'never_built' \\(not built in"):
         evaluate(model, processor, [TaskSpec(name="x", data="never_built")], out_dir=tmp_path, data_root=data_root)
     corrupt = data_root / "toy_corrupt"
     corrupt.mkdir()

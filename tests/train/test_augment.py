@@ -147,8 +147,10 @@ def test_augmenter_names_the_bad_field():
         Augmenter({"series": {"crop": 0}})
     with pytest.raises(ConfigError, match="data.augment.series.jitter"):
         Augmenter({"series": {"jitter": -1}})
-    with pytest.raises(ConfigError, match="data.augment.video.shift: must be an integer >= 0"):
+    with pytest.raises(ConfigError, match="data.augment.video.shift: expected an integer, got 1.5"):
         Augmenter({"video": {"shift": 1.5}})
+    with pytest.raises(ConfigError, match="data.augment.video.shift: must be an integer >= 0"):
+        Augmenter({"video": {"shift": -1}})
     with pytest.raises(ConfigError, match=r"data.augment.image: unknown field\(s\) \['rotate'\]"):
         Augmenter({"image": {"rotate": 10}})
     with pytest.raises(ConfigError, match="data.augment.series.tasks: must be a list of task names"):

@@ -50,7 +50,7 @@ def test_bad_stage_configs_name_the_field():
     with pytest.raises(ConfigError, match=r"stage align.steps: expected an integer, got 2.5"):
         load_stage("align", {"steps": 2.5})
     with pytest.raises(ConfigError, match=r"lora.r: expected an integer, got 'abc'"):
-        load_stage("tune", {"lora": {"r": "abc"}}).lora_spec
+        load_stage("tune", {"lora": {"r": "abc"}})  # validated on load
     assert load_stage("align", {"steps": "7", "lr": "2e-3"}).steps == 7  # key=value strings are converted
 
 
