@@ -113,6 +113,11 @@ def _quiet_transformers() -> None:
 
     logging.disable_progress_bar()
     logging.set_verbosity_error()
+    # accelerate's save_state warns at every training checkpoint that the tied lm_head was not written twice; the
+    # tie is restored on load (resumed runs are checked bitwise-equal in tests/train/test_stages.py)
+    import logging as std_logging
+
+    std_logging.getLogger("accelerate.utils.other").setLevel(std_logging.ERROR)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
