@@ -70,3 +70,12 @@ def test_upcycle_rejects_unsupported_family():
     dense = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
     with pytest.raises(ConfigError, match="not supported"):
         upcycle_model(dense, num_experts=2, top_k=1)
+
+
+def test_an_upcycled_checkpoint_without_a_tokenizer_says_so(dense_qwen2_dir, tmp_path):
+    from unimoe import CheckpointError
+    from unimoe.inference import load_pretrained
+
+    out = upcycle_checkpoint(dense_qwen2_dir, tmp_path / "moe", num_experts=2, top_k=1)  # the source has no tokenizer
+    with pytest.raises(CheckpointError, match="no tokenizer files .*source model's tokenizer copied in"):
+        load_pretrained(out)

@@ -71,6 +71,12 @@ def load_pretrained(path: str | Path, *, device: str | torch.device | None = Non
     model = load_model(path, **kwargs).eval()
     if device is not None:
         model = model.to(device)
+    tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+    if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in tokenizer_files):
+        raise CheckpointError(
+            f"{path}: no tokenizer files ({', '.join(tokenizer_files)}); a checkpoint upcycled from a model without "
+            "them needs the source model's tokenizer copied in"
+        )
     try:
         processor = AutoProcessor.from_pretrained(str(path))
     except (OSError, ValueError) as err:
