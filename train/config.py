@@ -310,9 +310,28 @@ def load_stage(name_or_path: str | Path, overrides: dict[str, Any] | None = None
     return config_from_dict(StageConfig, data, where=f"stage {path.stem}")
 
 
+def _stage_overrides(data: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
+    """Move ``stages.<stage>.<key>=value`` overrides (``<stage>``: a stage's name, its index, or ``*`` for every
+    stage) into those stages' ``overrides``; return the rest. ``stages.*.steps=5`` makes a quick run of a recipe."""
+    rest = {}
+    stages = data.get("stages")
+    for key, value in overrides.items():
+        parts = key.split(".", 2)
+        if parts[0] != "stages" or len(parts) < 3 or not isinstance(stages, list):
+            rest[key] = value
+            continue
+        names = [str(s.get("stage", s.get("name"))) if isinstance(s, dict) else "" for s in stages]
+        picked = [i for i, name in enumerate(names) if parts[1] in ("*", name, str(i))]
+        if not picked:
+            raise ConfigError(f"{where}: override {key}: no stage {parts[1]!r}; stages: {', '.join(names)} (or *)")
+        for i in picked:
+            stages[i] = {**stages[i], "overrides": apply_overrides(stages[i].get("overrides") or {}, {parts[2]: value})}
+    return rest
+
+
 def load_recipe(name_or_path: str | Path, overrides: dict[str, Any] | None = None) -> RecipeConfig:
     data, path = _load_yaml("recipes", name_or_path)
-    data = apply_overrides(data, overrides or {})
+    data = apply_overrides(data, _stage_overrides(data, overrides or {}, f"recipe {path.stem}"))
     data.setdefault("name", path.stem)
     return config_from_dict(RecipeConfig, data, where=f"recipe {path.stem}")
 

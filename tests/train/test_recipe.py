@@ -113,3 +113,11 @@ def test_recipe_seed_seeds_every_stage_unless_a_stage_sets_its_own():
     recipe = load_recipe("tiny", {"seed": 3, "stages": stages})
     assert [s.seed for s in recipe.stage_configs()] == [3, 7]
     assert {s.seed for s in load_recipe("tiny").stage_configs()} == {0}
+
+
+def test_stage_settings_can_be_overridden_from_the_command_line():
+    recipe = load_recipe("tiny", {"stages.*.save_every": 50, "stages.tune.lr": 1e-4, "stages.1.batch_size": 8})
+    got = [(c.name, c.lr, c.batch_size, c.save_every) for c in recipe.stage_configs()]
+    assert got == [("align", 2e-3, 32, 50), ("specialize", 1e-3, 8, 50), ("tune", 1e-4, 32, 50)]
+    with pytest.raises(ConfigError, match=r"stages.nope.steps: no stage 'nope'; stages: align, specialize, tune"):
+        load_recipe("tiny", {"stages.nope.steps": 5})
