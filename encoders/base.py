@@ -39,6 +39,8 @@ def npy_problem(err: Exception) -> str:
     """What is wrong with a ``.npy`` that ``np.load(..., allow_pickle=False)`` refused. Without a NumPy header numpy
     says the file holds pickled data and suggests ``allow_pickle``, which is never the fix here."""
     text = str(err)
+    if "Object arrays" in text:
+        return "a .npy of Python objects (e.g. ragged lists), not a numeric array"
     if "pickled" in text or "allow_pickle" in text:
         return "not a .npy array (no NumPy array header; pickled or other data is never loaded)"
     return f"not a readable .npy array ({text})"

@@ -96,3 +96,5 @@ def test_scalar_fields_are_converted_or_named():
         with pytest.raises(ConfigError, match=message):
             MoEConfig.from_dict(bad)
     assert MoEConfig.from_dict({"capacity_factor": None}).capacity_factor is None
+    with pytest.raises(ConfigError, match="moe.top_k: expected an integer, got null"):
+        MoEConfig.from_dict({"top_k": None})

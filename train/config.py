@@ -88,15 +88,15 @@ class StageConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     weight_decay: float = 0.0
-    warmup_steps: int = 10
+    warmup_steps: int | None = 10  # 0 or null: none
     min_lr_ratio: float = 0.1
-    max_grad_norm: float = 1.0  # 0: no clipping
+    max_grad_norm: float | None = 1.0  # 0 or null: no clipping
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
     seed: int = 0
     log_every: int = 10
-    save_every: int = 0  # 0: only at the end
+    save_every: int | None = 0  # 0 or null: only at the end
     keep_checkpoints: int = 2
-    router_warmup_steps: int = 0  # tune: train only the routers for this many steps first
+    router_warmup_steps: int | None = 0  # tune: train only the routers for this many steps first (0 / null: none)
     # specialize: copy this expert into all experts first; a list [a, b] copies a, b, a, b, ... into experts 0, 1, 2,
     # 3, ... (a group of fine-grained experts into every group)
     init_experts_from: int | list[int] | None = None
@@ -138,7 +138,9 @@ class StageConfig:
         if self.lr <= 0:
             raise ConfigError(f"stage {self.name}: lr must be > 0")
         for name in ("warmup_steps", "save_every", "router_warmup_steps", "max_grad_norm"):  # 0 = off
-            if getattr(self, name) is not None and getattr(self, name) < 0:  # None: off too
+            if getattr(self, name) is None:  # null: off too
+                setattr(self, name, 0.0 if name == "max_grad_norm" else 0)
+            if getattr(self, name) < 0:
                 raise ConfigError(f"stage {self.name}: {name} must be >= 0 (0 = off), got {getattr(self, name)}")
         for name in ("log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
@@ -314,6 +316,8 @@ def _stage_overrides(data: dict[str, Any], overrides: dict[str, Any], where: str
     """Move ``stages.<stage>.<key>=value`` overrides (``<stage>``: a stage's name, its index, or ``*`` for every
     stage) into those stages' ``overrides``; return the rest. ``stages.*.steps=5`` makes a quick run of a recipe."""
     rest = {}
+    if "stages" in overrides and any(key.startswith("stages.") for key in overrides):
+        raise ConfigError(f"{where}: give either a whole `stages` list or `stages.<stage>.<key>` overrides, not both")
     stages = data.get("stages")
     for key, value in overrides.items():
         parts = key.split(".", 2)

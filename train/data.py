@@ -32,8 +32,16 @@ class TrainData:
     answer is such a medium train its head (forecasting records become series targets), other media answers are
     skipped; text answers always train the LM."""
 
-    def __init__(self, data_root: str | Path, mix: DataMix, *, generation: set[str] | frozenset[str] = frozenset()):
-        # no tasks named (the stage presets): every task built under data_root that this model can train on
+    def __init__(
+        self,
+        data_root: str | Path,
+        mix: DataMix,
+        *,
+        generation: set[str] | frozenset[str] = frozenset(),
+        inputs: set[str] | frozenset[str] | None = None,
+    ):
+        """``inputs``: the media the model reads (its encoders); None = any. Used where no tasks are named (the stage
+        presets): then every task built under ``data_root`` whose records this model can train on is used."""
         every = not mix.tasks
         names = list(mix.tasks) or built_tasks(data_root)
         if not names:
@@ -47,6 +55,8 @@ class TrainData:
             records = [
                 t for t in (training_record(r, generation) for r in read_split(path, mix.split)) if t is not None
             ]
+            if every and inputs is not None:  # e.g. image tasks for a model without an image encoder
+                records = [r for r in records if input_media(r) <= set(inputs)]
             if not records and every:
                 continue  # e.g. a generation task for a model without that head
             if not records:
@@ -96,6 +106,16 @@ def training_record(record: dict[str, Any], generation: set[str] | frozenset[str
         return record
     kinds = {p.get("type", "text") for p in last["content"]} - {"text"}
     return record if kinds <= set(generation) else None
+
+
+def input_media(record: dict[str, Any]) -> set[str]:
+    """The media types in a record's prompt turns (not its answer)."""
+    return {
+        part.get("type", "text")
+        for message in record["messages"][:-1]
+        if not isinstance(message["content"], str)
+        for part in message["content"]
+    } - {"text"}
 
 
 class Sample(NamedTuple):

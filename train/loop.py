@@ -225,7 +225,8 @@ def train_stage(
             raise ConfigError(f"stage {stage.name}: specialize needs moe.modality_experts (modality -> experts)")
     model.train()
 
-    data = TrainData(data_root, stage.data_mix, generation=set(model.config.generation or {}))
+    data = TrainData(data_root, stage.data_mix, generation=set(model.config.generation or {}),
+                     inputs=set(model.config.encoders or {}))  # fmt: skip
     unknown = sorted(set(stage.media_text_tasks or ()) - set(data.tasks))
     if unknown:
         raise ConfigError(f"stage {stage.name}: media_text_tasks: {unknown} are not in data.tasks")

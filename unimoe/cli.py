@@ -389,8 +389,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
         # an output path that is a file, a file where a folder is needed, no write access: the path is the message
-        problem = "exists and is not a directory" if isinstance(err, FileExistsError) else err.strerror
-        print(f"unimoe {args.command}: error: {err.filename}: {problem}", file=sys.stderr)
+        problem = "exists and is not a directory" if isinstance(err, FileExistsError) else err.strerror or str(err)
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"unimoe {args.command}: error: {where}{problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"unimoe {args.command}: interrupted", file=sys.stderr)

@@ -56,23 +56,34 @@ def _float_or_same(value: Any) -> Any:
         return value  # the config's own check names the field
 
 
+def _describe_kinds(kinds: set) -> str:
+    if float in kinds:
+        return "a number"
+    if int in kinds:
+        return "an integer"
+    return "true or false" if bool in kinds else "a string"
+
+
 def _scalar_kinds(hint: Any) -> set:
-    """The plain scalar types (``int``, ``float``, ``bool``, ``str``) a field hint allows (``| None`` aside). Other
-    hints (lists, dicts, literals) give an empty set: the config's own checks judge those."""
+    """The plain scalar types (``int``, ``float``, ``bool``, ``str``, and ``NoneType`` for ``| None``) a field hint
+    allows. Other hints (lists, dicts, literals) give an empty set: the config's own checks judge those."""
     import types
     import typing
 
     args = set(typing.get_args(hint)) if typing.get_origin(hint) in (typing.Union, types.UnionType) else {hint}
     if not args <= {int, float, bool, str, type(None)}:
         return set()
-    return args - {type(None)}
+    return args
 
 
 def _checked_value(value: Any, kinds: set, where: str) -> Any:
     """``value`` as the field's scalar type, or a ConfigError naming the field. Strings become numbers (YAML 1.1
-    reads ``2e-3`` as a string; ``key=value`` overrides may arrive as strings), integral floats become ints."""
-    if value is None:  # allowed where the hint says so; elsewhere the config's own check decides (some read it as 0)
-        return value
+    reads ``2e-3`` as a string; ``key=value`` overrides may arrive as strings), integral floats become ints; null
+    only where the hint allows ``None``."""
+    if value is None:
+        if type(None) in kinds:
+            return value
+        raise ConfigError(f"{where}: expected {_describe_kinds(kinds)}, got null")
     if float in kinds or int in kinds:
         if isinstance(value, str):
             with contextlib.suppress(ValueError):  # left as is: the message below names it
@@ -82,8 +93,7 @@ def _checked_value(value: Any, kinds: set, where: str) -> Any:
         ok_types = (int, float) if float in kinds else (int,)
         if isinstance(value, ok_types) and not isinstance(value, bool):
             return float(value) if float in kinds and int not in kinds else value
-        want = "a number" if float in kinds else "an integer"
-        raise ConfigError(f"{where}: expected {want}, got {value!r}")
+        raise ConfigError(f"{where}: expected {_describe_kinds(kinds)}, got {value!r}")
     if bool in kinds and not isinstance(value, bool):
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if str in kinds and not isinstance(value, str):

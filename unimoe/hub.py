@@ -241,6 +241,13 @@ def load_model(path: str | Path, **kwargs: Any):
     import unimoe  # noqa: F401  (registers the model type)
 
     if looks_local(path):
+        text = str(path)
+        if not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            first = text.split("/")[0]
+            raise CheckpointError(
+                f"checkpoint {text} does not exist (if it is a Hub id: the folder {first}/ here makes it read as a "
+                "local path; run from another directory)"
+            )
         check_checkpoint_dir(path)
     kwargs.setdefault("use_safetensors", True)
     try:

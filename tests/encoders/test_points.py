@@ -311,6 +311,7 @@ EMPTY_PLY = (
         ("text.xyz", "1 2 3\n4 five 6\n", "table of numbers"),
         ("nothing.npy", b"", "empty"),
         ("random.npy", bytes(range(256)) * 3, r"no NumPy array header; pickled or other data is never loaded\)$"),
+        ("objects.npy", np.array([[1, 2, 3], [4, 5]], dtype=object), "Python objects"),
         ("cloud.las", "1 2 3\n", "unsupported"),
     ],
 )

@@ -121,3 +121,5 @@ def test_stage_settings_can_be_overridden_from_the_command_line():
     assert got == [("align", 2e-3, 32, 50), ("specialize", 1e-3, 8, 50), ("tune", 1e-4, 32, 50)]
     with pytest.raises(ConfigError, match=r"stages.nope.steps: no stage 'nope'; stages: align, specialize, tune"):
         load_recipe("tiny", {"stages.nope.steps": 5})
+    with pytest.raises(ConfigError, match="either a whole `stages` list or"):
+        load_recipe("tiny", {"stages": [{"stage": "align"}], "stages.*.steps": 9})

@@ -52,6 +52,10 @@ def test_bad_stage_configs_name_the_field():
     with pytest.raises(ConfigError, match=r"lora.r: expected an integer, got 'abc'"):
         load_stage("tune", {"lora": {"r": "abc"}})  # validated on load
     assert load_stage("align", {"steps": "7", "lr": "2e-3"}).steps == 7  # key=value strings are converted
+    with pytest.raises(ConfigError, match="stage align.steps: expected an integer, got null"):
+        load_stage("align", {"steps": None})
+    off = load_stage("tune", {"max_grad_norm": None, "warmup_steps": None, "save_every": None})
+    assert (off.max_grad_norm, off.warmup_steps, off.save_every) == (0, 0, 0)  # null means off where 0 does
 
 
 @pytest.mark.parametrize("stage", ["align", "specialize", "tune"])
@@ -367,5 +371,7 @@ def test_a_stage_without_tasks_trains_on_every_built_task(train_data, tmp_path):
 
     data = TrainData(train_data, DataMix())  # the stage presets ship `tasks: []`
     assert data.tasks == ["digits_cls", "text_qa"] and all(data.records)
+    assert TrainData(train_data, DataMix(), inputs=set()).tasks == ["text_qa"]  # a text-only model skips the images
+    assert TrainData(train_data, DataMix(tasks=["digits_cls"]), inputs=set()).tasks == ["digits_cls"]  # named: kept
     with pytest.raises(ConfigError, match="no task built under"):
         TrainData(tmp_path, DataMix())
