@@ -182,3 +182,14 @@ def test_feature_cache_evicts_least_recently_used_by_bytes():
     assert cache.get(("huge",)) is None and len(cache) == 3
     cache.resize(400)
     assert len(cache) == 1 and cache.get(("a",)) is not None
+
+
+def test_placeholders_without_their_media_are_an_error(processor, model):
+    inputs = processor([image_chat()], add_generation_prompt=True)
+    no_media = {k: v for k, v in inputs.items() if not k.startswith("image_")}
+    with pytest.raises(InputError, match="image: the prompt has .* placeholder tokens but no image_values"):
+        model(**no_media)
+    with pytest.raises(InputError, match="no image_values"):
+        model.generate(**no_media, max_new_tokens=2)
+    kw = dict(max_new_tokens=4, do_sample=False)  # the media reach every step without a cache
+    assert torch.equal(model.generate(**inputs, **kw), model.generate(**inputs, use_cache=False, **kw))

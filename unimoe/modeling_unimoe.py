@@ -274,6 +274,20 @@ class UniMoEModel(UniMoEPreTrainedModel):
         normalized, loc, scale = head.normalize(raw, observed, (normalized[..., 0], loc[:, 0, 0], scale[:, 0, 0]))
         return normalized, loc, scale, raw, observed
 
+    def check_media_given(self, input_ids: torch.Tensor, media: dict[str, torch.Tensor]) -> None:
+        """A prompt with a modality's placeholder tokens but no ``{modality}_values`` would embed the placeholders as
+        plain tokens and answer about media it never saw: an InputError instead."""
+        for modality in self.encoders:
+            token_id = self.config.media_token_ids.get(modality)
+            if token_id is None or f"{modality}_values" in media:
+                continue
+            n_slots = int((input_ids == token_id).sum())
+            if n_slots:
+                raise InputError(
+                    f"{modality}: the prompt has {n_slots} placeholder tokens but no {modality}_values were given; "
+                    "build inputs with UniMoEProcessor from messages that carry the media"
+                )
+
     def embed_media(self, input_ids: torch.Tensor, inputs_embeds: torch.Tensor, media: dict[str, torch.Tensor]):
         """Encode each modality's units and write them over its placeholder embeddings (in order)."""
         for modality, encoder in self.encoders.items():
@@ -325,6 +339,8 @@ class UniMoEModel(UniMoEPreTrainedModel):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         media = {k: kwargs.pop(k) for k in media_keys(self.config) & set(kwargs)}
         if inputs_embeds is None:
+            if past_key_values is None or past_key_values.get_seq_length() == 0:  # a prompt, not a decoding step
+                self.check_media_given(input_ids, media)
             inputs_embeds = self.language_model.embed_tokens(input_ids)  # (B, S, H)
             if media:
                 inputs_embeds = self.embed_media(input_ids, inputs_embeds, media)
@@ -608,9 +624,13 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
 
     def prepare_inputs_for_generation(self, input_ids, past_key_values=None, modality_ids=None, **kwargs):
         inputs = super().prepare_inputs_for_generation(input_ids, past_key_values=past_key_values, **kwargs)
-        # Media only exist in the prompt: pass them (and their modality ids, sliced to the tokens being fed) on
-        # the first step; every generated token is text (modality id 0, the default).
+        # Media only exist in the prompt: with a cache, pass them (and their modality ids, sliced to the tokens being
+        # fed) on the first step only; every generated token is text (modality id 0, the default). Without a cache
+        # every step feeds the whole sequence, placeholders included, so the media go with it every time (the
+        # modality ids are then recomputed from the ids).
         first = kwargs.get("is_first_iteration", False)
+        if not first and inputs.get("past_key_values") is None:
+            return inputs
         if not first:
             for key in media_keys(self.config) & set(inputs):
                 inputs.pop(key)
