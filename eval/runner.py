@@ -113,7 +113,8 @@ def predict_forecast(
     produced) and no full forecasts."""
     from unimoe.eval.metrics import parse_numbers
 
-    if hasattr(model, "forecast_outputs"):
+    heads = getattr(getattr(model, "model", None), "generation_heads", {})
+    if hasattr(model, "forecast_outputs") and "series" in heads:
         forecasts = model.forecast_outputs(processor, records, batch_size=batch_size)
         if bar is not None:
             bar.update(len(records))

@@ -190,3 +190,16 @@ def test_multiple_choice_preprocesses_each_item_media_once(model_and_processor, 
     evaluate(model, processor, [spec], out_dir=tmp_path, data_root=data_root, batch_size=8, progress=False)
     assert processor.feature_cache_enabled
     assert len(calls) == 10  # 10 items x 4 choices, each image preprocessed once
+
+
+def test_a_model_without_a_forecasting_head_forecasts_in_text(tokenizer, tmp_path):
+    from unimoe.data.records import read_split
+    from unimoe.eval.runner import predict_forecast
+
+    build_task("ts_forecast", tmp_path)
+    records = read_split(tmp_path / "ts_forecast", "test")[:2]
+    model = unimoe.build_model("tiny", generation=None, seed=0).eval()  # series encoder, no series head
+    processor = UniMoEProcessor.from_model_config(tokenizer, model.config)
+    preds, forecasts = predict_forecast(model, processor, records, max_new_tokens=8, batch_size=2)
+    assert forecasts is None  # numbers parsed from the text (was: "this checkpoint has no forecasting head")
+    assert [len(p) for p in preds] == [len(r["target"]) for r in records]
