@@ -108,7 +108,22 @@ def resolve_tasks(selection: str | list[str], *, reader_split: str | None = None
                 f"--tasks: unknown task or suite {item!r}; tasks: {', '.join(sorted(specs))}; "
                 f"suites: {', '.join(sorted(suites))}; or READER:PATH"
             )
-    return list(out.values())
+    return _distinct_names(list(out.values()))
+
+
+def _distinct_names(specs: list[TaskSpec]) -> list[TaskSpec]:
+    """Reader tasks are named after their reader; two of one reader (``ett:ETTh1.csv,ett:ETTh2.csv``) get the file
+    or folder name added (``ett-ETTh1``: names become file names), then a number if that still repeats, so
+    neither result overwrites the other."""
+    from collections import Counter
+
+    def renamed(named: list[TaskSpec], key) -> list[TaskSpec]:
+        counts = Counter(s.name for s in named)
+        return [dataclasses.replace(s, name=key(s, i)) if s.reader and counts[s.name] > 1 else s
+                for i, s in enumerate(named)]  # fmt: skip
+
+    specs = renamed(specs, lambda s, i: f"{s.reader}-{Path(s.path.rstrip('/')).stem or 'data'}")
+    return renamed(specs, lambda s, i: f"{s.name}-{i + 1}")
 
 
 def reader_task(reader: str, path: str, *, split: str | None = None) -> TaskSpec:

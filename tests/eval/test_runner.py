@@ -203,3 +203,12 @@ def test_a_model_without_a_forecasting_head_forecasts_in_text(tokenizer, tmp_pat
     preds, forecasts = predict_forecast(model, processor, records, max_new_tokens=8, batch_size=2)
     assert forecasts is None  # numbers parsed from the text (was: "this checkpoint has no forecasting head")
     assert [len(p) for p in preds] == [len(r["target"]) for r in records]
+
+
+def test_two_sources_of_one_reader_keep_separate_names():
+    from unimoe.eval import resolve_tasks
+
+    names = [t.name for t in resolve_tasks("ett:d/ETTh1.csv,ett:d/ETTh2.csv,text_qa,modelnet40:m")]
+    assert names == ["ett-ETTh1", "ett-ETTh2", "text_qa", "modelnet40"]
+    assert [t.name for t in resolve_tasks("ett:a/ETTh1.csv,ett:b/ETTh1.csv")] == ["ett-ETTh1-1", "ett-ETTh1-2"]
+    assert [t.name for t in resolve_tasks("ett:a/ETTh1.csv")] == ["ett"]
