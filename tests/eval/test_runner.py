@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,3 +213,23 @@ def test_two_sources_of_one_reader_keep_separate_names():
     assert names == ["ett-ETTh1", "ett-ETTh2", "text_qa", "modelnet40"]
     assert [t.name for t in resolve_tasks("ett:a/ETTh1.csv,ett:b/ETTh1.csv")] == ["ett-ETTh1-1", "ett-ETTh1-2"]
     assert [t.name for t in resolve_tasks("ett:a/ETTh1.csv")] == ["ett"]
+
+
+def test_records_without_answers_give_predictions_not_a_zero_score(model_and_processor, data_root, tmp_path):
+    model, processor = model_and_processor
+    task = data_root / "toy_unlabelled"
+    (task / "media").mkdir(parents=True)
+    records = [json.loads(line) for line in (data_root / "toy_images" / "test.jsonl").read_text().splitlines()][:3]
+    for r in records:
+        (task / "media" / Path(r["messages"][0]["content"][0]["path"]).name).write_bytes(
+            (data_root / "toy_images" / r["messages"][0]["content"][0]["path"]).read_bytes()
+        )
+        r.pop("answer")
+        r["messages"] = r["messages"][:1]  # a test split without the answers
+    write_jsonl(task / "test.jsonl", records)
+    (task / MARKER).write_text(json.dumps({"version": 1, "seed": 0, "card": {"sizes": {"test": 3}}}))
+    spec = TaskSpec(name="unlabelled", data="toy_unlabelled", output="multiple_choice", metrics=["accuracy"])
+    summary = evaluate(model, processor, [spec], out_dir=tmp_path, data_root=data_root, progress=False)
+    assert "unlabelled" not in summary["results"] and "no answers" in summary["skipped"]["unlabelled"]
+    samples = [json.loads(x) for x in (tmp_path / "samples_unlabelled.jsonl").read_text().splitlines()]
+    assert len(samples) == 3 and all(s["prediction"] in WORDS for s in samples)
