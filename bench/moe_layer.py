@@ -308,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     cases = quick_cases() if args.quick else full_cases()
     if args.cases:
+        unknown = sorted(set(args.cases) - {c.name for c in cases})
+        if unknown:
+            parser.error(f"--cases: unknown {unknown}; cases: {', '.join(c.name for c in cases)}")
         cases = [c for c in cases if c.name in args.cases]
     results = []
     for case in cases:

@@ -169,6 +169,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
     tasks = resolve_tasks(args.tasks, reader_split=args.split)
+    if args.split is not None and not any(t.reader for t in tasks):
+        raise ConfigError("--split applies to READER:PATH tasks; built-in tasks are scored on their test split")
     model, processor = load_pretrained(args.model)
     summary = evaluate(
         model,
