@@ -107,6 +107,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _close_progress_bars() -> None:
+    """A progress bar left open by the failure would share its line with the error message."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _quiet_transformers() -> None:
     """No weight-loading progress bars or advisory warnings: a CLI answer (or its one error line) stays readable."""
     from transformers.utils import logging
@@ -387,9 +395,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UniMoEError as err:
+        _close_progress_bars()
         print(f"unimoe {args.command}: error: {err}", file=sys.stderr)
         return 2
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
+        _close_progress_bars()
         # an output path that is a file, a file where a folder is needed, no write access: the path is the message
         problem = "exists and is not a directory" if isinstance(err, FileExistsError) else err.strerror or str(err)
         where = f"{err.filename}: " if err.filename else ""
