@@ -63,6 +63,13 @@ def refit_forecast(model, processor, stage: StageConfig, data_root: str | Path) 
     return report.to_dict()
 
 
+def _log_step(line: str) -> float:
+    try:
+        return float(json.loads(line).get("step", math.inf))
+    except (ValueError, AttributeError):
+        return math.inf  # a line cut by the kill
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     """The newest complete checkpoint (a directory with a readable trainer state); half-written ones are ignored."""
@@ -264,6 +271,10 @@ def train_stage(
         (out_dir / "stage.json").write_text(json.dumps({"stage": stage.to_dict(), "init": str(init)}, indent=2))
     accelerator.init_trackers(stage.name)
     log_path = out_dir / "train_log.jsonl"
+    if ckpt is not None and accelerator.is_main_process and log_path.is_file():
+        # the killed run logged past its last checkpoint; those steps are trained again, so their lines go
+        kept = [line for line in log_path.read_text().splitlines() if _log_step(line) <= start_step]
+        log_path.write_text("".join(line + "\n" for line in kept))
     unwrapped = accelerator.unwrap_model(model)
     core = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
 
@@ -369,6 +380,7 @@ def train_stage(
 
     final = out_dir / "final"
     refit = None
+    to_save = None
     if step < stage.steps:  # stopped early on purpose: leave a resumable checkpoint
         save_training_state(accelerator, ckpt_root, step, stage.keep_checkpoints)
     else:
@@ -381,10 +393,6 @@ def train_stage(
                     f"{stage.name}: forecast skip refit: validation MASE {refit['validation_mase_before']:.3f} -> "
                     f"{refit['validation_mase_after']:.3f} (penalty {refit['alpha']})"
                 )
-            save_checkpoint(to_save, final, processor=processor, model_name=f"{out_dir.name}",
-                            notes=f"After training stage `{stage.name}` ({stage.kind}).")  # fmt: skip
-        accelerator.wait_for_everyone()
-    accelerator.end_training()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
     if torch.cuda.is_available():
         peak = torch.cuda.max_memory_allocated() / 2**20
@@ -401,5 +409,15 @@ def train_stage(
         forecast_refit=refit,
     )
     if accelerator.is_main_process:
-        (out_dir / "result.json").write_text(json.dumps(result.__dict__, indent=2))
+        # result.json before final/: a stage counts as finished once final/ exists, so a kill between the two
+        # must not leave a final/ without its result (the run could never be resumed)
+        tmp = out_dir / "result.json.tmp"
+        tmp.write_text(json.dumps(result.__dict__, indent=2))
+        os.replace(tmp, out_dir / "result.json")
+        if to_save is not None:
+            save_checkpoint(to_save, final, processor=processor, model_name=f"{out_dir.name}",
+                            notes=f"After training stage `{stage.name}` ({stage.kind}).")  # fmt: skip
+    if step >= stage.steps:
+        accelerator.wait_for_everyone()
+    accelerator.end_training()
     return result

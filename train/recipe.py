@@ -7,6 +7,7 @@ from its last checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -49,6 +50,23 @@ def _check_data_seed(data_root: Path, tasks: list[str], seed: int) -> None:
             )
 
 
+def _check_same_recipe(out: Path, recipe: RecipeConfig) -> None:
+    """A run continues only with the recipe (and overrides) it started with: ``out/recipe.json`` records it. Mixing
+    two would train some stages by one and the rest by the other, with a restored scheduler that fits neither."""
+    current = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))
+    recorded = out / "recipe.json"
+    if not recorded.is_file():
+        recorded.write_text(json.dumps(current, indent=2))
+        return
+    before = json.loads(recorded.read_text())
+    if before != current:
+        keys = sorted(k for k in set(before) | set(current) if before.get(k) != current.get(k))
+        raise CheckpointError(
+            f"{out} was started with another recipe or other overrides (different: {', '.join(keys)}); continue it "
+            "with the same ones, or choose another --out"
+        )
+
+
 def run_recipe(
     recipe: RecipeConfig,
     out: str | Path,
@@ -70,6 +88,7 @@ def run_recipe(
     if out.exists() and any(out.iterdir()) and not resume and not (out / "final").is_dir():
         raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
+    _check_same_recipe(out, recipe)
     timings: dict[str, float] = {}
     start = time.perf_counter()
 

@@ -161,8 +161,8 @@ def save_checkpoint(
     check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):  # ours, or left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         tok = tokenizer if tokenizer is not None else getattr(processor, "tokenizer", None)
         if tok is not None:

@@ -67,3 +67,9 @@ def test_suite_card_and_errors(tmp_path):
 def test_a_misspelled_task_is_named_as_unknown(tmp_path):
     with pytest.raises(DataError, match="unknown task 'text_q'.*tasks: .*text_qa"):
         task_dir(tmp_path, "text_q")
+
+
+def test_a_killed_builds_temporary_folder_is_cleared(tmp_path):
+    (tmp_path / ".text_qa.tmp-999999" / "media").mkdir(parents=True)  # left by a build killed mid-way
+    build_task("text_qa", tmp_path)
+    assert not list(tmp_path.glob(".text_qa.tmp-*")) and read_marker(tmp_path / "text_qa") is not None

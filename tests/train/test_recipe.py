@@ -3,7 +3,7 @@ import json
 import pytest
 import yaml
 
-from unimoe.errors import ConfigError
+from unimoe.errors import CheckpointError, ConfigError
 from unimoe.train import load_recipe, run_recipe
 
 RECIPE = {
@@ -41,6 +41,19 @@ def test_recipe_runs_every_step_and_applies_recipe_wide_sampling(tmp_path, train
     assert align["balance"] == "task" and align["weights"] == {"text_qa": 3, "digits_cls": 1}
     assert align["tasks"] == ["text_qa", "digits_cls"]
     assert tune["balance"] == "record"  # the stage's own override wins over the recipe's
+
+    # killed after tune wrote result.json but before its final/ (result.json now comes first): resumable
+    import shutil
+
+    shutil.rmtree(out / "2-tune" / "final")
+    (out / ".final.tmp-999999").mkdir()  # a half-written save of a killed process
+    again = run_recipe(load_recipe(_write(tmp_path, RECIPE)), out, data_root=train_data, resume=True, progress=False)
+    assert again["results"] == run["results"] and (out / "2-tune" / "final" / "config.json").is_file()
+    assert not list(out.glob(".final.tmp-*"))  # stale temporaries are cleared by the next save
+    # continuing with another recipe (or other overrides) is refused
+    other = {**RECIPE, "stages": [RECIPE["stages"][0], {**RECIPE["stages"][1], "overrides": {"steps": 3}}]}
+    with pytest.raises(CheckpointError, match="another recipe or other overrides.*stages"):
+        run_recipe(load_recipe(_write(tmp_path, other)), out, data_root=train_data, resume=True, progress=False)
 
 
 def test_recipe_data_section_is_validated(tmp_path):

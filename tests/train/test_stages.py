@@ -187,7 +187,12 @@ def test_resume_replays_the_random_stream(init_ckpt, train_data, tmp_path):
     train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "full", data_root=train_data, progress=False)
     train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "part", data_root=train_data, progress=False,
                 max_steps_this_run=2)  # fmt: skip
+    with (tmp_path / "part" / "train_log.jsonl").open("a") as f:  # a killed run logs past its last checkpoint
+        f.write(json.dumps({"step": 3, "loss": 0.0}) + "\n" + '{"step": 4, "lo')
     train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "part", data_root=train_data, resume=True, progress=False)
+    log = [json.loads(x) for x in (tmp_path / "part" / "train_log.jsonl").read_text().splitlines()]
+    full_log = [json.loads(x) for x in (tmp_path / "full" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [r["step"] for r in full_log]  # no step twice
     a = load_file(str(tmp_path / "full" / "final" / "model.safetensors"))
     b = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
     changed = [k for k in a if not torch.equal(a[k], b[k])]

@@ -110,8 +110,8 @@ def build_task(name: str, out: Path, *, seed: int = 0, force: bool = False) -> t
     if not force and is_complete(target, builder, seed):
         return TaskCard(**read_marker(target)["card"]), False
     tmp = out / f".{name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    for stale in out.glob(f".{name}.tmp-*") if out.is_dir() else ():  # ours, or left by a killed build
+        shutil.rmtree(stale, ignore_errors=True)
     tmp.mkdir(parents=True)
     start = time.perf_counter()
     try:
