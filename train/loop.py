@@ -63,6 +63,18 @@ def refit_forecast(model, processor, stage: StageConfig, data_root: str | Path) 
     return report.to_dict()
 
 
+def _reset_peak_memory() -> None:
+    """Start the peak-memory count afresh: on Linux writing 5 to ``/proc/self/clear_refs`` resets the resident-set
+    high-water mark that ``ru_maxrss`` reports (elsewhere the count stays per process); on CUDA the allocator's."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def _log_step(line: str) -> float:
     try:
         return float(json.loads(line).get("step", math.inf))
@@ -199,6 +211,7 @@ def train_stage(
     precision = stage.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
+    _reset_peak_memory()  # result.json's peak_memory_mb is this stage's, not the process's so far
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without it accelerate ignores torchrun's env on CPU (no gloo group)
         gradient_accumulation_steps=stage.grad_accum,

@@ -380,3 +380,13 @@ def test_a_stage_without_tasks_trains_on_every_built_task(train_data, tmp_path):
     assert TrainData(train_data, DataMix(tasks=["digits_cls"]), inputs=set()).tasks == ["digits_cls"]  # named: kept
     with pytest.raises(ConfigError, match="no task built under"):
         TrainData(tmp_path, DataMix())
+
+
+def test_peak_memory_is_the_stages_own(init_ckpt, train_data, tmp_path):
+    import numpy as np
+
+    before = np.ones(1_500 * 2**20, dtype=np.uint8)  # 1.5 GB touched before the stage, freed at its start
+    del before
+    result = train_stage(small("align", forced_expert=0, trainable={"connectors": True}), init=init_ckpt,
+                         out_dir=tmp_path, data_root=train_data, progress=False)  # fmt: skip
+    assert 0 < result.peak_memory_mb < 1_400  # the process peaked above 1.5 GB; the stage did not
