@@ -1,5 +1,6 @@
 import json
 from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
@@ -385,8 +386,14 @@ def test_a_stage_without_tasks_trains_on_every_built_task(train_data, tmp_path):
 def test_peak_memory_is_the_stages_own(init_ckpt, train_data, tmp_path):
     import numpy as np
 
-    before = np.ones(1_500 * 2**20, dtype=np.uint8)  # 1.5 GB touched before the stage, freed at its start
+    def resident_mb() -> float:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(x for x in status if x.startswith("VmRSS")).split()[1]) / 1024
+
+    before = np.ones(2_500 * 2**20, dtype=np.uint8)  # 2.5 GB touched before the stage, freed before it starts
     del before
+    at_start = resident_mb()
     result = train_stage(small("align", forced_expert=0, trainable={"connectors": True}), init=init_ckpt,
                          out_dir=tmp_path, data_root=train_data, progress=False)  # fmt: skip
-    assert 0 < result.peak_memory_mb < 1_400  # the process peaked above 1.5 GB; the stage did not
+    # the process peaked 2.5 GB above where the stage started; the tiny stage itself adds far less than 1 GB
+    assert at_start <= result.peak_memory_mb < at_start + 1_000
