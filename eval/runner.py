@@ -113,8 +113,7 @@ def predict_forecast(
     produced) and no full forecasts."""
     from unimoe.eval.metrics import parse_numbers
 
-    heads = getattr(getattr(model, "model", None), "generation_heads", {})
-    if hasattr(model, "forecast_outputs") and "series" in heads:
+    if hasattr(model, "forecast_outputs") and "series" in _generation_heads(model):
         forecasts = model.forecast_outputs(processor, records, batch_size=batch_size)
         if bar is not None:
             bar.update(len(records))
@@ -224,10 +223,9 @@ def run_task(
 
     start = time.perf_counter()
     media_paths = forecasts = None
-    if spec.output in ("generate_image", "generate_audio"):
-        heads = getattr(getattr(model, "model", None), "generation_heads", {})
-        if ("image" if spec.output == "generate_image" else "audio") not in heads:
-            return TaskResult(name=spec.name, skipped=_generation_unsupported(model, spec))
+    wanted = {"generate_image": "image", "generate_audio": "audio"}.get(spec.output)
+    if wanted is not None and wanted not in _generation_heads(model):
+        return TaskResult(name=spec.name, skipped=f"the model has no {wanted} decoder ({spec.output} needs one)")
     bar = tqdm(total=len(records), desc=f"eval {spec.name}", unit="ex", disable=not progress, leave=False)
     if spec.output in ("generate_image", "generate_audio"):
         preds, media_paths = predict_generated_media(
@@ -271,9 +269,9 @@ def run_task(
     )  # fmt: skip
 
 
-def _generation_unsupported(model, spec: TaskSpec) -> str:
-    kind = "image" if spec.output == "generate_image" else "audio"
-    return f"the model has no {kind} decoder ({spec.output} needs one)"
+def _generation_heads(model) -> Any:
+    """The model's generation heads by modality (empty for models without any, e.g. a plain transformers LM)."""
+    return getattr(getattr(model, "model", None), "generation_heads", {})
 
 
 def evaluate(

@@ -228,9 +228,15 @@ def looks_local(path: str | Path) -> bool:
     """Whether ``path`` names a local directory rather than a Hub id (``org/name``): it exists, starts with ``.``,
     ``/`` or ``~``, has more than one ``/``, or its first component is a local directory (``runs/x`` beside an
     existing ``runs/``). A missing local path then fails at once with one line instead of minutes of Hub retries."""
-    text = str(path)
-    if Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
-        return True
+    return _plainly_local(str(path)) or _local_by_folder(str(path))
+
+
+def _plainly_local(text: str) -> bool:
+    return Path(text).exists() or text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text
+
+
+def _local_by_folder(text: str) -> bool:
+    """``org/name`` read as a local path only because a folder ``org/`` is here."""
     return "/" in text and Path(text.split("/", 1)[0]).is_dir()
 
 
@@ -242,11 +248,10 @@ def load_model(path: str | Path, **kwargs: Any):
 
     if looks_local(path):
         text = str(path)
-        if not Path(text).exists() and text.count("/") == 1 and not text.startswith((".", "/", "~")):
-            first = text.split("/")[0]
+        if not _plainly_local(text):
             raise CheckpointError(
-                f"checkpoint {text} does not exist (if it is a Hub id: the folder {first}/ here makes it read as a "
-                "local path; run from another directory)"
+                f"checkpoint {text} does not exist (if it is a Hub id: the folder {text.split('/')[0]}/ here makes "
+                "it read as a local path; run from another directory)"
             )
         check_checkpoint_dir(path)
     kwargs.setdefault("use_safetensors", True)
