@@ -40,12 +40,13 @@ class StageResult:
     steps: int
     start_step: int
     final_loss: float
-    seconds: float
+    seconds: float  # training-loop time over every process that trained the stage (a kill's lost steps excluded)
     tokens_per_second: float
     peak_memory_mb: float
     trainable_parameters: dict[str, int] = field(default_factory=dict)
     checkpoint: str = ""
     forecast_refit: dict | None = None  # unimoe.generation.refit.RefitReport, when the stage refits the skip
+    seconds_before_resume: float = 0.0  # the part of ``seconds`` spent by earlier processes (0: not resumed)
 
 
 def refit_forecast(model, processor, stage: StageConfig, data_root: str | Path) -> dict:
@@ -98,9 +99,11 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return best
 
 
-def save_training_state(accelerator, ckpt_root: Path, step: int, keep: int) -> Path:
+def save_training_state(accelerator, ckpt_root: Path, step: int, keep: int, *, seconds: float = 0.0,
+                        tokens: int = 0) -> Path:  # fmt: skip
     """``accelerator.save_state`` into a temporary directory, then an atomic rename: a kill during a save never
-    leaves a corrupt latest checkpoint (the trainer state file is written last and marks completeness)."""
+    leaves a corrupt latest checkpoint (the trainer state file is written last and marks completeness). The state
+    file also carries the training time and tokens so far, so a resumed stage reports the whole stage's."""
     final = ckpt_root / f"step-{step:07d}"
     tmp = ckpt_root / f".tmp-step-{step:07d}"
     if accelerator.is_main_process and tmp.exists():
@@ -109,7 +112,7 @@ def save_training_state(accelerator, ckpt_root: Path, step: int, keep: int) -> P
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps({"step": step}))
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step, "seconds": seconds, "tokens": tokens}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -264,9 +267,12 @@ def train_stage(
         optimizer, stage.warmup_steps, stage.steps, min_lr_rate=stage.min_lr_ratio
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    seconds_before, tokens_before = 0.0, 0
     if ckpt is not None:
         accelerator.load_state(str(ckpt))
-        start_step = json.loads((ckpt / STATE_FILE).read_text())["step"]
+        state = json.loads((ckpt / STATE_FILE).read_text())
+        start_step = state["step"]
+        seconds_before, tokens_before = float(state.get("seconds", 0.0)), int(state.get("tokens", 0))
         accelerator.print(f"resuming {stage.name} from {ckpt} (step {start_step})")
 
     dataset = ScheduleDataset(data, schedule, start=start_step * stage.grad_accum * stage.batch_size)
@@ -282,7 +288,9 @@ def train_stage(
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "stage.json").write_text(json.dumps({"stage": stage.to_dict(), "init": str(init)}, indent=2))
-    accelerator.init_trackers(stage.name)
+    # A resumed stage trains the steps after its checkpoint again: purge_step makes TensorBoard drop the killed
+    # run's events from there on, as the JSONL log below drops its lines.
+    accelerator.init_trackers(stage.name, init_kwargs={"tensorboard": {"purge_step": start_step + 1}} if ckpt else {})
     log_path = out_dir / "train_log.jsonl"
     if ckpt is not None and accelerator.is_main_process and log_path.is_file():
         # the killed run logged past its last checkpoint; those steps are trained again, so their lines go
@@ -387,7 +395,14 @@ def train_stage(
                 with log_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
         if stage.save_every and step % stage.save_every == 0 and step < stage.steps:
-            save_training_state(accelerator, ckpt_root, step, stage.keep_checkpoints)
+            save_training_state(
+                accelerator,
+                ckpt_root,
+                step,
+                stage.keep_checkpoints,
+                seconds=seconds_before + time.perf_counter() - start,
+                tokens=tokens_before + tokens,
+            )
     bar.close()
     seconds = time.perf_counter() - start
 
@@ -395,7 +410,14 @@ def train_stage(
     refit = None
     to_save = None
     if step < stage.steps:  # stopped early on purpose: leave a resumable checkpoint
-        save_training_state(accelerator, ckpt_root, step, stage.keep_checkpoints)
+        save_training_state(
+            accelerator,
+            ckpt_root,
+            step,
+            stage.keep_checkpoints,
+            seconds=seconds_before + seconds,
+            tokens=tokens_before + tokens,
+        )
     else:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
@@ -414,12 +436,13 @@ def train_stage(
         steps=step,
         start_step=start_step,
         final_loss=last_loss,
-        seconds=round(seconds, 2),
-        tokens_per_second=round(tokens / max(seconds, 1e-9), 1),
+        seconds=round(seconds_before + seconds, 2),
+        tokens_per_second=round((tokens_before + tokens) / max(seconds_before + seconds, 1e-9), 1),
         peak_memory_mb=round(peak, 1),
         trainable_parameters=counts,
         checkpoint=str(final) if step >= stage.steps else "",
         forecast_refit=refit,
+        seconds_before_resume=round(seconds_before, 2),
     )
     if accelerator.is_main_process:
         # result.json before final/: a stage counts as finished once final/ exists, so a kill between the two

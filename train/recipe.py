@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -67,6 +68,24 @@ def _check_same_recipe(out: Path, recipe: RecipeConfig) -> None:
         )
 
 
+class _Timings:
+    """Seconds per step of a run, summed over every process that worked on it (``--resume`` continues the count
+    in ``out/timings.json``), so ``run.json`` reports the whole run and not only its last process."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 1)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.seconds, indent=2))
+        os.replace(tmp, self.path)
+
+    def total(self) -> dict[str, float]:
+        return {**self.seconds, "total": round(sum(self.seconds.values()), 1)}
+
+
 def run_recipe(
     recipe: RecipeConfig,
     out: str | Path,
@@ -89,14 +108,14 @@ def run_recipe(
         raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     _check_same_recipe(out, recipe)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
+    timings = _Timings(out / "timings.json")
 
     t0 = time.perf_counter()
     build_suite(data_root, tasks or None, seed=recipe.seed, progress=progress)
-    timings["data"] = round(time.perf_counter() - t0, 1)
+    timings.add("data", time.perf_counter() - t0)
 
     init = out / "init"
+    t0 = time.perf_counter()
     if not (init / "config.json").is_file():
         model_spec = recipe.model
         if "checkpoint" in model_spec:
@@ -105,6 +124,7 @@ def run_recipe(
             extra = _train_text(data_root, tasks) if tasks else []
             init_checkpoint(model_spec["preset"], init, model_spec.get("overrides", {}), seed=recipe.seed,
                             extra_text=extra)  # fmt: skip
+    timings.add("init", time.perf_counter() - t0)
 
     previous = init
     stage_results = []
@@ -125,7 +145,8 @@ def run_recipe(
             t0 = time.perf_counter()
             result = train_stage(stage, init=previous, out_dir=stage_dir, data_root=data_root, resume=resume,
                                  progress=progress).__dict__  # fmt: skip
-            timings[stage.name] = round(time.perf_counter() - t0, 1)
+            # a resumed stage: its time before the kill is the earlier processes' training time up to the checkpoint
+            timings.add(stage.name, time.perf_counter() - t0 + result["seconds_before_resume"])
         stage_results.append(result)
         previous = stage_dir / "final"
 
@@ -143,7 +164,7 @@ def run_recipe(
         progress=progress,
         model_name=recipe.name,
     )
-    timings["eval"] = round(time.perf_counter() - t0, 1)
+    timings.add("eval", time.perf_counter() - t0)
     scores = [EvalScore(task=t, metric=m, value=v) for t, ms in summary["results"].items() for m, v in ms.items()]
     stage_lines = "\n".join(
         f"| {r['name']} | {r['steps']} | {r['final_loss']:.3f} | {r['tokens_per_second']:.0f} "
@@ -157,10 +178,11 @@ def run_recipe(
     pictures = {f"images/{name}": out / "eval" / name for name in picture_files(summary)}
     if pictures:  # the evaluation's pictures travel with the checkpoint and show in its card
         notes += "\n\n### Pictures from the evaluation\n\n" + pictures_markdown(summary, prefix="images/")
+    t0 = time.perf_counter()
     save_checkpoint(model, out / "final", processor=processor, results=scores, model_name=f"unimoe-{recipe.name}",
                     notes=notes, extra_files=pictures)  # fmt: skip
-    timings["total"] = round(time.perf_counter() - start, 1)
-    run = {"recipe": recipe.name, "stages": stage_results, "results": summary["results"], "timings_s": timings}
+    timings.add("final", time.perf_counter() - t0)
+    run = {"recipe": recipe.name, "stages": stage_results, "results": summary["results"], "timings_s": timings.total()}
     (out / "run.json").write_text(json.dumps(run, indent=2))
     if progress:
         print(results_table(summary))

@@ -73,3 +73,13 @@ def test_a_killed_builds_temporary_folder_is_cleared(tmp_path):
     (tmp_path / ".text_qa.tmp-999999" / "media").mkdir(parents=True)  # left by a build killed mid-way
     build_task("text_qa", tmp_path)
     assert not list(tmp_path.glob(".text_qa.tmp-*")) and read_marker(tmp_path / "text_qa") is not None
+
+
+def test_rebuilding_with_another_seed_says_so(tmp_path, capsys):
+    build_suite(tmp_path, ["text_qa"], progress=False)
+    build_suite(tmp_path, ["text_qa"], progress=False)
+    assert capsys.readouterr().out == ""
+    build_suite(tmp_path, ["text_qa"], seed=1, progress=False)
+    out = capsys.readouterr().out
+    assert "text_qa: rebuilt with seed 1, replacing the one built with seed 0" in out
+    assert read_marker(tmp_path / "text_qa")["seed"] == 1

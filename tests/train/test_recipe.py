@@ -50,6 +50,11 @@ def test_recipe_runs_every_step_and_applies_recipe_wide_sampling(tmp_path, train
     again = run_recipe(load_recipe(_write(tmp_path, RECIPE)), out, data_root=train_data, resume=True, progress=False)
     assert again["results"] == run["results"] and (out / "2-tune" / "final" / "config.json").is_file()
     assert not list(out.glob(".final.tmp-*"))  # stale temporaries are cleared by the next save
+    # run.json's timings cover the whole run, not only the last process: align ran only in the first one
+    assert set(run["timings_s"]) == {"data", "init", "align", "tune", "eval", "final", "total"}
+    assert again["timings_s"]["align"] == run["timings_s"]["align"] > 0
+    assert again["timings_s"]["tune"] > run["timings_s"]["tune"]  # tune was trained twice
+    assert again["timings_s"]["total"] == pytest.approx(sum(v for k, v in again["timings_s"].items() if k != "total"))
     # continuing with another recipe (or other overrides) is refused
     other = {**RECIPE, "stages": [RECIPE["stages"][0], {**RECIPE["stages"][1], "overrides": {"steps": 3}}]}
     with pytest.raises(CheckpointError, match="another recipe or other overrides.*stages"):

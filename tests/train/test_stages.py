@@ -1,4 +1,5 @@
 import json
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -198,6 +199,23 @@ def test_resume_replays_the_random_stream(init_ckpt, train_data, tmp_path):
     b = load_file(str(tmp_path / "part" / "final" / "model.safetensors"))
     changed = [k for k in a if not torch.equal(a[k], b[k])]
     assert not changed, f"{len(changed)} tensors differ after resume, e.g. {changed[:3]}"
+
+
+def test_a_resumed_stage_reports_the_whole_stage(init_ckpt, train_data, tmp_path):
+    """Its time and tokens count the earlier process's steps, and TensorBoard keeps each step once (the killed run's
+    steps past the checkpoint are purged, as in the JSONL log)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = small("align", steps=4, save_every=2, log_every=1, forced_expert=0)
+    part = train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False,
+                       max_steps_this_run=3)  # fmt: skip
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000003")  # killed after step 3 was logged, before its save
+    resumed = train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, resume=True, progress=False)
+    assert resumed.start_step == 2 and 0 < resumed.seconds_before_resume < part.seconds
+    assert resumed.seconds > resumed.seconds_before_resume
+    events = EventAccumulator(str(tmp_path / "align"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
 
 
 def test_a_stages_moe_override_reaches_the_blocks(init_ckpt):

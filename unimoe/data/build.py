@@ -149,9 +149,14 @@ def build_suite(
     bar = tqdm(names, desc="data build", unit="task", disable=not progress)
     for name in bar:
         bar.set_postfix(task=name)
+        before = read_marker(out / name)
         card, built = build_task(name, out, seed=seed, force=force)
         cards.append(card)
-        if progress:
+        if before is not None and before.get("seed") != seed:
+            # said even without progress output: the test splits that earlier scores came from are gone
+            print(f"{out / name}: rebuilt with seed {seed}, replacing the one built with seed {before.get('seed')} "
+                  "(scores of earlier runs on it came from other splits)")  # fmt: skip
+        elif progress:
             bar.write(f"{'built' if built else 'up to date'}: {name} {card.sizes}")
     write_datasets_card(out)
     return cards
