@@ -108,6 +108,11 @@ def run_recipe(
         raise CheckpointError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     _check_same_recipe(out, recipe)
+    if (out / "final" / "config.json").is_file() and (out / "run.json").is_file():  # finished: nothing to redo
+        run = json.loads((out / "run.json").read_text())
+        if progress:
+            print(f"{out} is a finished run of {recipe.name}; results in {out / 'eval'}, checkpoint in {out / 'final'}")
+        return run
     timings = _Timings(out / "timings.json")
 
     t0 = time.perf_counter()
@@ -183,10 +188,11 @@ def run_recipe(
                     notes=notes, extra_files=pictures)  # fmt: skip
     timings.add("final", time.perf_counter() - t0)
     run = {"recipe": recipe.name, "stages": stage_results, "results": summary["results"], "timings_s": timings.total()}
-    (out / "run.json").write_text(json.dumps(run, indent=2))
+    (out / "run.json.tmp").write_text(json.dumps(run, indent=2))
+    os.replace(out / "run.json.tmp", out / "run.json")  # last: a run with run.json is finished
     if progress:
         print(results_table(summary))
         if pictures:
             print(f"pictures: {out / 'eval'} ({', '.join(picture_files(summary))})")
-        print(f"final checkpoint: {out / 'final'} ({timings['total']:.0f} s)")
+        print(f"final checkpoint: {out / 'final'} ({run['timings_s']['total']:.0f} s)")
     return run

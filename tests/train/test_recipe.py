@@ -46,6 +46,8 @@ def test_recipe_runs_every_step_and_applies_recipe_wide_sampling(tmp_path, train
     import shutil
 
     shutil.rmtree(out / "2-tune" / "final")
+    shutil.rmtree(out / "final")  # the kill came before these were written
+    (out / "run.json").unlink()
     (out / ".final.tmp-999999").mkdir()  # a half-written save of a killed process
     again = run_recipe(load_recipe(_write(tmp_path, RECIPE)), out, data_root=train_data, resume=True, progress=False)
     assert again["results"] == run["results"] and (out / "2-tune" / "final" / "config.json").is_file()
@@ -141,3 +143,18 @@ def test_stage_settings_can_be_overridden_from_the_command_line():
         load_recipe("tiny", {"stages.nope.steps": 5})
     with pytest.raises(ConfigError, match="either a whole `stages` list or"):
         load_recipe("tiny", {"stages": [{"stage": "align"}], "stages.*.steps": 9})
+
+
+def test_unimoe_run_from_the_command_line_and_again_when_finished(tmp_path, train_data, capsys):
+    """The CLI path prints the results table and the timings (the Python tests call run_recipe quietly)."""
+    from unimoe.cli import main
+
+    recipe = {**RECIPE, "stages": RECIPE["stages"][:1]}
+    args = ["run", str(_write(tmp_path, recipe)), "--out", str(tmp_path / "run"), "--data", str(train_data)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "| text_qa | accuracy |" in out and "final checkpoint:" in out
+    results = (tmp_path / "run" / "eval" / "results.json").stat().st_mtime_ns
+    assert main(args) == 0  # finished: nothing is evaluated or saved again
+    assert "is a finished run" in capsys.readouterr().out
+    assert (tmp_path / "run" / "eval" / "results.json").stat().st_mtime_ns == results
