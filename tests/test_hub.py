@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import unimoe  # noqa: F401
@@ -65,6 +66,17 @@ def test_pickled_weights_are_refused(tmp_path):
         check_checkpoint_dir(tmp_path)
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "missing")
+
+
+def test_the_python_api_refuses_pickled_weights_too(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model.save_pretrained(tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    with pytest.raises(OSError, match="model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
 
 
 def test_failed_save_keeps_previous_checkpoint(tiny_model, tokenizer, tmp_path, monkeypatch):

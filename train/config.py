@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -57,6 +58,16 @@ class LoraSpec:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+    def __post_init__(self) -> None:  # checked here, not by peft half-way into the stage
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora.r: the adapter rank must be a whole number >= 1, got {self.r!r}")
+        if not 0 < self.alpha < math.inf:
+            raise ConfigError(f"lora.alpha: must be a finite number > 0, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout: a probability in [0, 1), got {self.dropout!r}")
+        if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+            raise ConfigError(f"lora.target_modules: a non-empty list of module names, got {self.target_modules!r}")
 
 
 @dataclass
@@ -135,8 +146,19 @@ class StageConfig:
         for name in ("steps", "batch_size", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"stage {self.name}: {name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"stage {self.name}: lr must be > 0")
+        if not 0 < self.lr < math.inf:  # also refuses nan and inf, which trained a NaN checkpoint without a word
+            raise ConfigError(f"stage {self.name}: lr must be a finite number > 0, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(f"stage {self.name}: weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        for name in ("trainable", "data", "moe", "lr_multipliers", "frozen_steps"):  # `key=null`: the empty table
+            if getattr(self, name) is None:
+                setattr(self, name, {})
+        for name in ("lr_multipliers", "frozen_steps"):  # `frozen_steps.encoders.points=0` arrives nested
+            table = getattr(self, name)
+            if any(isinstance(v, dict) for v in table.values()):
+                flat = {k: v for k, v in table.items() if not isinstance(v, dict)}
+                flat |= {f"{k}.{m}": n for k, v in table.items() if isinstance(v, dict) for m, n in v.items()}
+                setattr(self, name, flat)
         for name in ("warmup_steps", "save_every", "router_warmup_steps", "max_grad_norm"):  # 0 = off
             if getattr(self, name) is None:  # null: off too
                 setattr(self, name, 0.0 if name == "max_grad_norm" else 0)
@@ -180,11 +202,11 @@ class StageConfig:
                 raise ConfigError(f"stage {self.name}: lr_multipliers.{part} must be a number > 0, got {factor!r}")
         self._check_part_keys("frozen_steps", self.frozen_steps)
         for part, n in self.frozen_steps.items():
-            if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.steps:
-                raise ConfigError(
-                    f"stage {self.name}: frozen_steps.{part} must be a whole number of steps in 0..{self.steps} "
-                    f"(the stage's steps), got {n!r}"
-                )
+            # more than the stage's steps holds the part for the whole stage: `stages.*.steps=3` quick runs of the
+            # shipped recipes keep working
+            if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+                raise ConfigError(f"stage {self.name}: frozen_steps.{part} must be a whole number of steps >= 0, "
+                                  f"got {n!r}")  # fmt: skip
             if not self.trainable.get(part.split(".", 1)[0]):
                 raise ConfigError(
                     f"stage {self.name}: frozen_steps.{part}: the part {part.split('.', 1)[0]!r} is "
@@ -213,7 +235,13 @@ class StageConfig:
 
     @property
     def lora_spec(self) -> LoraSpec | None:
-        return None if self.lora is None else config_from_dict(LoraSpec, self.lora, where=f"stage {self.name}: lora")
+        if self.lora is None:
+            return None
+        try:
+            return config_from_dict(LoraSpec, self.lora, where=f"stage {self.name}: lora")
+        except ConfigError as err:  # LoraSpec's own checks do not know the stage
+            message = str(err)
+            raise ConfigError(message if message.startswith("stage") else f"stage {self.name}: {message}") from None
 
     @property
     def refit_spec(self) -> ForecastRefitSpec | None:
@@ -313,8 +341,8 @@ def load_stage(name_or_path: str | Path, overrides: dict[str, Any] | None = None
 
 
 def _stage_overrides(data: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
-    """Move ``stages.<stage>.<key>=value`` overrides (``<stage>``: a stage's name, its index, or ``*`` for every
-    stage) into those stages' ``overrides``; return the rest. ``stages.*.steps=5`` makes a quick run of a recipe."""
+    """Move ``stages.<stage>.<key>=value`` overrides (``<stage>``: a stage's name, its number from 1, or ``*`` for
+    every stage) into those stages' ``overrides``; return the rest. ``stages.*.steps=5`` makes a quick run."""
     rest = {}
     if "stages" in overrides and any(key.startswith("stages.") for key in overrides):
         raise ConfigError(f"{where}: give either a whole `stages` list or `stages.<stage>.<key>` overrides, not both")
@@ -325,9 +353,11 @@ def _stage_overrides(data: dict[str, Any], overrides: dict[str, Any], where: str
             rest[key] = value
             continue
         names = [str(s.get("stage", s.get("name"))) if isinstance(s, dict) else "" for s in stages]
-        picked = [i for i, name in enumerate(names) if parts[1] in ("*", name, str(i))]
+        # numbered from 1, as the run's folders are (1-align, 2-specialize, ...)
+        picked = [i for i, name in enumerate(names) if parts[1] in ("*", name, str(i + 1))]
         if not picked:
-            raise ConfigError(f"{where}: override {key}: no stage {parts[1]!r}; stages: {', '.join(names)} (or *)")
+            listed = ", ".join(f"{i} {name}" for i, name in enumerate(names, 1))
+            raise ConfigError(f"{where}: override {key}: no stage {parts[1]!r}; stages: {listed} (or *)")
         for i in picked:
             stages[i] = {**stages[i], "overrides": apply_overrides(stages[i].get("overrides") or {}, {parts[2]: value})}
     return rest

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from unimoe.errors import CheckpointError, ConfigError
+from unimoe.errors import CheckpointError, ConfigError, TrainingError
 from unimoe.train.config import StageConfig
 from unimoe.train.data import Collator, ScheduleDataset, TrainData
 from unimoe.train.freeze import apply_trainable, param_groups, params_by_key
@@ -362,6 +362,13 @@ def train_stage(
         if step in boundaries:
             hold_until(step)
         loss = accelerator.reduce(outputs.loss.detach(), reduction="mean").item()
+        if not math.isfinite(loss):  # stop before a checkpoint of NaN weights is written
+            kept = latest_checkpoint(ckpt_root)
+            raise TrainingError(
+                f"stage {stage.name} step {step}: the loss is {loss}; stopped without saving "
+                f"({'the last good checkpoint is ' + str(kept) if kept else 'no checkpoint was written'}). "
+                f"Lower lr ({stage.lr:g}) or raise warmup_steps / max_grad_norm clipping"
+            )
         last_loss = loss
         elapsed = time.perf_counter() - start
         bar.update(1)

@@ -21,3 +21,7 @@ class CheckpointError(UniMoEError, ValueError):
 
 class HubError(UniMoEError, RuntimeError):
     """Uploading to or downloading from the Hugging Face Hub failed (offline, auth, missing repo)."""
+
+
+class TrainingError(UniMoEError, RuntimeError):
+    """Training cannot go on (e.g. the loss became NaN or infinite); the message says what was kept."""

@@ -599,7 +599,10 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args: Any, **kwargs: Any):
         """transformers' loading, then each diffusion decoder from its diffusers subfolder: the decoder transformers
-        built on the meta device never holds valid non-persistent buffers (PixArt's ``pos_embed``)."""
+        built on the meta device never holds valid non-persistent buffers (PixArt's ``pos_embed``). Weights are
+        read from safetensors only, also through ``AutoModelForCausalLM``: a pickled ``pytorch_model.bin`` could run
+        code when it is loaded."""
+        kwargs.setdefault("use_safetensors", True)
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         hub = {k: kwargs[k] for k in ("revision", "token", "cache_dir", "local_files_only") if k in kwargs}
         for modality, head in model.model.generation_heads.items():

@@ -136,11 +136,12 @@ def test_recipe_seed_seeds_every_stage_unless_a_stage_sets_its_own():
 
 
 def test_stage_settings_can_be_overridden_from_the_command_line():
-    recipe = load_recipe("tiny", {"stages.*.save_every": 50, "stages.tune.lr": 1e-4, "stages.1.batch_size": 8})
+    recipe = load_recipe("tiny", {"stages.*.save_every": 50, "stages.tune.lr": 1e-4, "stages.2.batch_size": 8})
     got = [(c.name, c.lr, c.batch_size, c.save_every) for c in recipe.stage_configs()]
-    assert got == [("align", 2e-3, 32, 50), ("specialize", 1e-3, 8, 50), ("tune", 1e-4, 32, 50)]
-    with pytest.raises(ConfigError, match=r"stages.nope.steps: no stage 'nope'; stages: align, specialize, tune"):
-        load_recipe("tiny", {"stages.nope.steps": 5})
+    assert got == [("align", 2e-3, 32, 50), ("specialize", 1e-3, 8, 50), ("tune", 1e-4, 32, 50)]  # 2 = 2-specialize
+    for name in ("nope", "0", "4"):
+        with pytest.raises(ConfigError, match=rf"stages.{name}.steps: no stage '{name}'; stages: 1 align, 2 spec"):
+            load_recipe("tiny", {f"stages.{name}.steps": 5})
     with pytest.raises(ConfigError, match="either a whole `stages` list or"):
         load_recipe("tiny", {"stages": [{"stage": "align"}], "stages.*.steps": 9})
 

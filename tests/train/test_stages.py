@@ -56,6 +56,19 @@ def test_bad_stage_configs_name_the_field():
     assert load_stage("align", {"steps": "7", "lr": "2e-3"}).steps == 7  # key=value strings are converted
     with pytest.raises(ConfigError, match="stage align.steps: expected an integer, got null"):
         load_stage("align", {"steps": None})
+    for value in (0, -1e-3, float("nan"), float("inf")):  # lr=inf trained a NaN checkpoint and exited 0
+        with pytest.raises(ConfigError, match="stage align: lr must be a finite number > 0"):
+            load_stage("align", {"lr": value})
+    with pytest.raises(ConfigError, match="weight_decay must be a finite number >= 0"):
+        load_stage("align", {"weight_decay": -1})
+    for lora, message in [
+        ({"r": 0}, "lora.r: the adapter rank"),
+        ({"dropout": 2.0}, "lora.dropout: a probability"),
+        ({"alpha": -5}, "lora.alpha: must be"),
+        ({"target_modules": []}, "lora.target_modules"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_stage("tune", {"lora": lora})
     off = load_stage("tune", {"max_grad_norm": None, "warmup_steps": None, "save_every": None})
     assert (off.max_grad_norm, off.warmup_steps, off.save_every) == (0, 0, 0)  # null means off where 0 does
 
@@ -354,8 +367,14 @@ def test_frozen_steps_are_checked_at_load():
     assert cfg.frozen_steps == {"encoders.image": 5}
     with pytest.raises(ConfigError, match="frozen_steps has unknown part"):
         load_stage("align", {"trainable": {"encoders": True}, "frozen_steps": {"wings": 5}})
-    with pytest.raises(ConfigError, match=r"frozen_steps.encoders must be a whole number of steps in 0..500"):
-        load_stage("align", {"trainable": {"encoders": True}, "frozen_steps": {"encoders": 501}})
+    with pytest.raises(ConfigError, match=r"frozen_steps.encoders must be a whole number of steps >= 0"):
+        load_stage("align", {"trainable": {"encoders": True}, "frozen_steps": {"encoders": -1}})
+    # more than the stage's steps: held all stage long (quick runs `stages.*.steps=3` of the shipped recipes)
+    assert load_stage("align", {"trainable": {"encoders": True}, "frozen_steps": {"encoders": 501}}).steps == 500
+    # `frozen_steps.encoders.points=0` on the command line arrives nested; `frozen_steps=null` clears the table
+    nested = load_stage("align", {"trainable": {"encoders": True}, "frozen_steps": {"encoders": {"points": 0}}})
+    assert nested.frozen_steps == {"encoders.points": 0}
+    assert load_stage("align", {"frozen_steps": None}).frozen_steps == {}
     with pytest.raises(ConfigError, match="frozen_steps.encoders: the part 'encoders' is not trainable"):
         load_stage("align", {"frozen_steps": {"encoders": 5}})  # the align preset keeps encoders frozen
 
@@ -415,3 +434,24 @@ def test_peak_memory_is_the_stages_own(init_ckpt, train_data, tmp_path):
                          out_dir=tmp_path, data_root=train_data, progress=False)  # fmt: skip
     # the process peaked 2.5 GB above where the stage started; the tiny stage itself adds far less than 1 GB
     assert at_start <= result.peak_memory_mb < at_start + 1_000
+
+
+def test_a_non_finite_loss_stops_the_stage_without_saving(init_ckpt, train_data, tmp_path, monkeypatch):
+    from unimoe.errors import TrainingError
+    from unimoe.modeling_unimoe import UniMoEForConditionalGeneration
+
+    forward = UniMoEForConditionalGeneration.forward
+    calls = []
+
+    def poisoned(self, *args, **kwargs):  # the loss of the third step is NaN (as after lr=1e30)
+        out = forward(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(UniMoEForConditionalGeneration, "forward", poisoned)
+    cfg = small("align", steps=4, save_every=2, forced_expert=0)
+    with pytest.raises(TrainingError, match=r"stage align step 3: the loss is nan; stopped without saving .*-0000002"):
+        train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False)
+    assert not (tmp_path / "final").exists()
