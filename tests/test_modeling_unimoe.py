@@ -49,6 +49,15 @@ def test_inputs_embeds_equals_input_ids(tiny_model, tokenizer):
         tiny_model(input_ids=batch["input_ids"], inputs_embeds=embeds)
 
 
+def test_an_input_longer_than_the_positions_is_refused(tiny_model):
+    from unimoe.errors import InputError
+
+    limit = tiny_model.config.text_config.max_position_embeddings
+    tiny_model(input_ids=torch.ones(1, limit, dtype=torch.long))  # the limit itself is fine
+    with pytest.raises(InputError, match=rf"the input has {limit + 1} tokens, more than the model's {limit}"):
+        tiny_model(input_ids=torch.ones(1, limit + 1, dtype=torch.long))
+
+
 def test_left_padding_does_not_change_predictions(tiny_model, tokenizer):
     texts = ["What digit is this? seven", "two"]
     single = [tiny_model(**_batch(tokenizer, [t])).logits[0, -1] for t in texts]

@@ -338,8 +338,14 @@ class UniMoEModel(UniMoEPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         media = {k: kwargs.pop(k) for k in media_keys(self.config) & set(kwargs)}
+        prompt = past_key_values is None or past_key_values.get_seq_length() == 0  # not a decoding step
+        length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+        limit = self.config.text_config.max_position_embeddings
+        if prompt and length > limit:  # a 200k-token record ran for minutes with only transformers' warning
+            raise InputError(f"the input has {length} tokens, more than the model's {limit} "
+                             "(text_config.max_position_embeddings); shorten it")  # fmt: skip
         if inputs_embeds is None:
-            if past_key_values is None or past_key_values.get_seq_length() == 0:  # a prompt, not a decoding step
+            if prompt:
                 self.check_media_given(input_ids, media)
             inputs_embeds = self.language_model.embed_tokens(input_ids)  # (B, S, H)
             if media:

@@ -18,6 +18,7 @@ def test_defaults_validate_and_shapes():
         ("image", {"channels": 2}, "generation.image.channels"),
         ("image", {"num_queries": 0}, "generation.image.num_queries"),
         ("image", {"guidance_scale": 0.5}, "generation.image.guidance_scale"),
+        ("image", {"guidance_scale": float("nan")}, "generation.image.guidance_scale"),
         ("audio", {"hop_length": 2048}, "generation.audio.hop_length"),
         ("audio", {"vocoder": "wavenet"}, "generation.audio.vocoder"),
         ("series", {"quantiles": [0.1, 0.9]}, "generation.series.quantiles"),

@@ -88,6 +88,9 @@ def test_sampling_steps_and_guidance_are_configurable(gen_model):
 
     with pytest.raises(ConfigError, match="steps must be >= 1"):
         sample(num_inference_steps=0)
+    for guidance in (float("inf"), float("nan"), 0.5):  # inf drew a black image, nan ran without guidance
+        with pytest.raises(ConfigError, match="guidance a finite number >= 1"):
+            sample(num_inference_steps=3, guidance_scale=guidance)
 
 
 def test_flow_matching_loss_trains_every_part():

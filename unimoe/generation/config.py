@@ -7,6 +7,7 @@ and quantile forecasts. Every field is validated on construction with a message 
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -54,8 +55,10 @@ class DiffusionHeadConfig:
             raise ConfigError(f"{where}.prompt_tokens: must be an integer >= 0, got {self.prompt_tokens!r}")
         if not 0.0 <= self.cond_dropout < 1.0:
             raise ConfigError(f"{where}.cond_dropout: must be in [0, 1), got {self.cond_dropout}")
-        if self.guidance_scale < 1.0:
-            raise ConfigError(f"{where}.guidance_scale: must be >= 1 (1 = no guidance), got {self.guidance_scale}")
+        if not 1.0 <= self.guidance_scale < math.inf:
+            raise ConfigError(
+                f"{where}.guidance_scale: must be a finite number >= 1 (1 = no guidance), got {self.guidance_scale}"
+            )
         if self.shift <= 0 or self.loss_coef < 0:
             raise ConfigError(f"{where}: shift must be > 0 and loss_coef >= 0")
         if not isinstance(self.decoder, dict) or "class" not in self.decoder:

@@ -12,6 +12,7 @@ invalid (so decoders are saved as diffusers subfolders and replaced by ``load_de
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -148,10 +149,12 @@ class DiffusionHead(nn.Module):
         cfg = self.config
         steps = int(cfg.num_inference_steps if num_inference_steps is None else num_inference_steps)
         guidance = float(cfg.guidance_scale if guidance_scale is None else guidance_scale)
-        if steps < 1 or guidance < 1.0:
+        if steps < 1 or not 1.0 <= guidance < math.inf:  # nan and inf too (inf drew a black image, nan no guidance)
             from unimoe.errors import ConfigError
 
-            raise ConfigError(f"sampling: steps must be >= 1 and guidance >= 1, got {steps} and {guidance}")
+            raise ConfigError(
+                f"sampling: steps must be >= 1 and guidance a finite number >= 1, got {steps} and {guidance}"
+            )
         cond = self.condition(states)  # (n, T, D)
         n = cond.shape[0]
         if guidance > 1.0:
