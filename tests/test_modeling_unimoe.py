@@ -249,3 +249,16 @@ def test_media_text_loss_in_the_model(tokenizer):
     torch.testing.assert_close(pair, out.media_text_loss)
     assert model(**three, media_text_rows=torch.tensor([True, False, False]), **kw).media_text_loss.item() == 0.0
     assert model(**three, **kw).media_text_loss != pair
+
+
+def test_lora_experts_start_alike_however_the_model_is_built():
+    """A model built from a config and LoRAExperts.reset_lora (upcycling) give A the same range: U(+-1/sqrt(in))
+    per expert, peft's default; the model's init used the whole (E, r, in) tensor's fan-in, 4x smaller here."""
+    model = build_model("tiny", moe={"expert_type": "lora", "lora_rank": 4})
+    experts = next(m for m in model.modules() if type(m).__name__ == "LoRAExperts")
+    built = {n: getattr(experts, n).detach().clone() for n in ("lora_A_gate_up", "lora_A_down")}
+    experts.reset_lora()
+    for name, a in built.items():
+        bound = 1 / a.shape[-1] ** 0.5
+        assert a.abs().max() <= bound and a.abs().max() > 0.9 * bound, name
+        assert abs(a.abs().max() - getattr(experts, name).abs().max()) < 0.1 * bound, name

@@ -14,7 +14,12 @@ from unimoe.moe.config import MoEConfig
 DEFAULT_MODALITIES = ["text", "image", "audio", "video", "points", "series"]
 
 #: Decoder families whose attention, norm, RoPE and dense MLP we reuse from transformers.
-SUPPORTED_DECODERS = ("qwen2", "qwen3", "llama")
+def supported_decoders() -> list[str]:
+    """The decoder families of ``unimoe.modeling_decoder.DECODER_FAMILIES`` (one list: a family registered there is
+    accepted here and by ``unimoe upcycle``)."""
+    from unimoe.modeling_decoder import DECODER_FAMILIES  # lazy: it imports the transformers model modules
+
+    return DECODER_FAMILIES.names()
 
 
 class UniMoEConfig(PreTrainedConfig):
@@ -52,10 +57,11 @@ class UniMoEConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         family = self.text_config.model_type
-        if family not in SUPPORTED_DECODERS:
+        supported = supported_decoders()
+        if family not in supported:
             raise ConfigError(
                 f"text_config.model_type: decoder family {family!r} is not supported; "
-                f"choose one of: {', '.join(SUPPORTED_DECODERS)}"
+                f"choose one of: {', '.join(supported)}"
             )
         tc = self.text_config
         head_dim = getattr(tc, "head_dim", None)
@@ -142,8 +148,8 @@ class UniMoEConfig(PreTrainedConfig):
         return MoEConfig.from_dict(self.moe)
 
     def moe_layer_indices(self) -> list[int]:
-        n = self.text_config.num_hidden_layers
-        return [i for i in range(n) if self.moe_config.is_moe_layer(i, n)]
+        moe = self.moe_config  # rebuilt (and validated) on every access: once here
+        return [i for i in range(self.text_config.num_hidden_layers) if moe.is_moe_layer(i)]
 
     def frozen_components(self) -> set[str]:
         """Keys (``encoders.image``, ``connectors.audio``) of the encoders and connectors whose spec says
@@ -173,4 +179,4 @@ def strip_component_keys(spec: dict) -> dict:
     return {k: v for k, v in spec.items() if k not in COMPONENT_KEYS}
 
 
-__all__ = ["DEFAULT_MODALITIES", "SUPPORTED_DECODERS", "UniMoEConfig"]
+__all__ = ["DEFAULT_MODALITIES", "UniMoEConfig", "supported_decoders"]

@@ -77,7 +77,7 @@ class UniMoEDecoderLayer(nn.Module):
         self.input_layernorm = family.norm(tc.hidden_size, eps=tc.rms_norm_eps)
         self.post_attention_layernorm = family.norm(tc.hidden_size, eps=tc.rms_norm_eps)
         moe = config.moe_config
-        self.is_moe = moe.is_moe_layer(layer_idx, tc.num_hidden_layers)
+        self.is_moe = moe.is_moe_layer(layer_idx)
         if self.is_moe:
             self.mlp = SparseMoEBlock(
                 moe, hidden_size=tc.hidden_size, intermediate_size=tc.intermediate_size, modalities=config.modalities

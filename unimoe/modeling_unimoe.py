@@ -28,7 +28,7 @@ from unimoe.configuration_unimoe import UniMoEConfig, strip_component_keys
 from unimoe.connectors import build_connector
 from unimoe.contrastive import media_text_loss as contrastive_media_text_loss
 from unimoe.encoders import build_encoder
-from unimoe.errors import InputError
+from unimoe.errors import ConfigError, InputError
 from unimoe.generation.heads import DiffusionHead, ForecastHead, build_head
 from unimoe.modeling_decoder import DECODER_FAMILIES, UniMoEModelOutput, UniMoETextModel
 from unimoe.moe import LoRAExperts, MoEConfig, RouterStats, SparseMoEBlock, SwiGLUExperts
@@ -100,8 +100,10 @@ class UniMoEPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LoRAExperts):
             init.normal_(module.gate_up_proj, mean=0.0, std=std)
             init.normal_(module.down_proj, mean=0.0, std=std)
-            for name in ("lora_A_gate_up", "lora_A_down"):
-                init.kaiming_uniform_(getattr(module, name), a=5**0.5)
+            for name in ("lora_A_gate_up", "lora_A_down"):  # as LoRAExperts.reset_lora: each expert's (r, in) A
+                a = getattr(module, name)  # (E, r, in): kaiming on the 3-D tensor would take r * in as the fan-in
+                bound = 1.0 / a.shape[-1] ** 0.5  # kaiming_uniform(a=sqrt(5)) of an (r, in) matrix: U(+-1/sqrt(in))
+                init.uniform_(a, -bound, bound)
             for name in ("lora_B_gate", "lora_B_up", "lora_B_down"):
                 init.zeros_(getattr(module, name))
         elif isinstance(module, SparseMoEBlock):
@@ -242,7 +244,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
 
     def forecast_context(
         self, input_ids: torch.Tensor, series_values: torch.Tensor | None, series_mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """For every series query run: the prompt's last series before it (its first channel).
 
         Returns ``(normalized (n, L), loc (n,), scale (n,), raw (n, L), observed (n, L))``, normalized in the
@@ -304,7 +306,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
             tokens = tokens.reshape(-1, tokens.shape[-1]).to(inputs_embeds.dtype)  # (U*T', H)
             token_id = self.config.media_token_ids.get(modality)
             if token_id is None:
-                raise ValueError(f"{modality}_values given but config.media_token_ids has no {modality!r} token")
+                raise ConfigError(f"{modality}_values given but config.media_token_ids has no {modality!r} token")
             positions = input_ids == token_id  # (B, S)
             n_slots = int(positions.sum())
             if n_slots != tokens.shape[0]:
@@ -336,7 +338,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
         **kwargs: Any,
     ) -> UniMoEModelOutput:
         if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+            raise InputError("pass exactly one of input_ids or inputs_embeds")
         media = {k: kwargs.pop(k) for k in media_keys(self.config) & set(kwargs)}
         prompt = past_key_values is None or past_key_values.get_seq_length() == 0  # not a decoding step
         length = (input_ids if input_ids is not None else inputs_embeds).shape[1]
@@ -355,7 +357,7 @@ class UniMoEModel(UniMoEPreTrainedModel):
             if modality_ids is None and (self.config.media_token_ids or len(self.generation_heads)):
                 modality_ids = self.modality_ids_from_input_ids(input_ids)
         elif media:
-            raise ValueError("media inputs need input_ids (to find the placeholders), not inputs_embeds")
+            raise InputError("media inputs need input_ids (to find the placeholders), not inputs_embeds")
         outputs = self.language_model(
             inputs_embeds,
             attention_mask=attention_mask,
@@ -462,7 +464,7 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
             )
             if len(self.model.generation_heads):
                 if input_ids is None:
-                    raise ValueError("generation targets need input_ids (to find the query slots)")
+                    raise InputError("generation targets need input_ids (to find the query slots)")
                 diffusion_loss, forecast_loss, weighted = self.generation_losses(
                     input_ids, outputs.last_hidden_state, targets, series, attention_mask
                 )

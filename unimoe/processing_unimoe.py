@@ -184,11 +184,6 @@ class UniMoEProcessor(ProcessorMixin):
         return token_id
 
     @property
-    def generation_modalities(self) -> list[str]:
-        """The modalities this model can generate (its generation heads)."""
-        return list(self._heads)
-
-    @property
     def modalities(self) -> list[str]:
         return list(self._encoders)
 

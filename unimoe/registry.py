@@ -1,11 +1,12 @@
-"""A small registry per pluggable family (experts, routers, decoder families, encoders, connectors, heads, tasks).
+"""A small registry per pluggable family: expert types, decoder families, encoders, connectors, diffusion decoders,
+vocoders and dataset builders.
 
 Usage::
 
     EXPERTS = Registry("expert type")
 
     @EXPERTS.register("ffn")
-    class FusedSwiGLUExperts(nn.Module): ...
+    class SwiGLUExperts(nn.Module): ...
 
     EXPERTS.get("ffn")      # the class
     EXPERTS.names()         # ["ffn", ...]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from unimoe.configuration_unimoe import SUPPORTED_DECODERS, UniMoEConfig
+from unimoe.configuration_unimoe import UniMoEConfig, supported_decoders
 from unimoe.errors import CheckpointError, ConfigError
 from unimoe.hub import check_checkpoint_dir, check_replaceable, save_checkpoint
 from unimoe.moe import LoRAExperts, SparseMoEBlock, SwiGLUExperts
@@ -38,10 +38,10 @@ def upcycle_model(
     from unimoe.modeling_unimoe import UniMoEForConditionalGeneration
 
     dense_cfg = dense.config
-    if dense_cfg.model_type not in SUPPORTED_DECODERS:
+    if dense_cfg.model_type not in supported_decoders():
         raise ConfigError(
             f"upcycle: dense model type {dense_cfg.model_type!r} is not supported; choose one of "
-            f"{', '.join(SUPPORTED_DECODERS)}"
+            f"{', '.join(supported_decoders())}"
         )
     moe = {
         "num_experts": num_experts,

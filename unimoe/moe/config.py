@@ -147,7 +147,7 @@ class MoEConfig:
             and self.routed_scaling_factor == 1.0
         )
 
-    def is_moe_layer(self, layer_idx: int, num_layers: int) -> bool:
+    def is_moe_layer(self, layer_idx: int) -> bool:
         if self.moe_layers is not None:
             return layer_idx in self.moe_layers
         return (layer_idx + 1) % self.moe_layer_freq == 0

@@ -32,10 +32,6 @@ class DispatchPlan:
     # no null experts and no dropping. Experts may then drop terms weighted by ``1 - sum_e w_e`` (LoRA experts do).
     weights_sum_to_one: bool = False
 
-    @property
-    def num_slots(self) -> int:
-        return self.token_index.shape[0]
-
     def token_chunks(self) -> list[torch.Tensor]:
         """Per-expert token indices (views of ``token_index``), one per expert, empty ones included."""
         return list(self.token_index.split(self.counts))

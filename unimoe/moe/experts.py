@@ -51,7 +51,8 @@ def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, contiguous: bool = Fa
 
     Why: for a chunk of a few routed tokens (decoding, many experts) the BLAS on CPU splits a GEMM's work along its
     first operand's rows; with ``x`` first there are too few rows to keep both cores busy, with the weight first
-    there are ``out`` of them (measured in ``bench/moe_layer.py``: 1.3-1.7x faster below ~256 rows, equal above).
+    there are ``out`` of them (measured in ``bench/moe_layer.py``: 1.3-1.7x faster for chunks of fewer than
+    ``FEW_ROWS`` rows, the decoding case).
     The result is a transposed view unless ``contiguous``."""
     n = x.shape[0]
     if n >= FEW_ROWS or n >= weight.shape[0] or x.is_cuda:
@@ -86,7 +87,8 @@ class SwiGLUExperts(nn.Module):
         nn.init.normal_(self.gate_up_proj, std=std)
         nn.init.normal_(self.down_proj, std=std)
 
-    def active_parameters_per_token(self) -> int:
+    def parameters_per_expert(self) -> int:
+        """Weights one routed expert adds (what a token that does not pick it leaves idle)."""
         return self.gate_up_proj[0].numel() + self.down_proj[0].numel()
 
     def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
@@ -256,8 +258,10 @@ class LoRAExperts(nn.Module):
         for b in (self.lora_B_gate, self.lora_B_up, self.lora_B_down):
             nn.init.zeros_(b)
 
-    def active_parameters_per_token(self) -> int:
-        return self.gate_up_proj.numel() + self.down_proj.numel()
+    def parameters_per_expert(self) -> int:
+        """Weights one LoRA expert adds: its low-rank factors (the frozen FFN is active for every token)."""
+        names = ("lora_A_gate_up", "lora_B_gate", "lora_B_up", "lora_A_down", "lora_B_down")
+        return sum(getattr(self, n)[0].numel() for n in names)
 
     def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         # the frozen FFN's own intermediate is weighted by what the routed slots leave over (1 - sum_e w_e); zero and

@@ -10,7 +10,7 @@ from torch import nn
 
 from unimoe.moe.config import MoEConfig
 from unimoe.moe.dispatch import make_plan
-from unimoe.moe.experts import EXPERTS, SwiGLU, SwiGLUExperts
+from unimoe.moe.experts import EXPERTS, SwiGLU
 from unimoe.moe.losses import (
     RouterStats,
     load_balancing_loss,
@@ -227,17 +227,11 @@ class SparseMoEBlock(nn.Module):
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
-    """Total parameters and parameters active per token (a token uses ``top_k`` routed experts; shared weights
-    counted once). Works on the meta device."""
+    """Total parameters and parameters active per token: a token uses at most ``top_k`` routed experts (an upper
+    bound with top-p routing or null experts); shared weights counted once. Works on the meta device."""
     total = sum(p.numel() for p in model.parameters())
     inactive = 0
     for block in (m for m in model.modules() if isinstance(m, SparseMoEBlock)):
         cfg = block.config
-        experts = block.experts
-        if isinstance(experts, SwiGLUExperts):
-            per_expert = experts.gate_up_proj[0].numel() + experts.down_proj[0].numel()
-        else:  # LoRA experts: the frozen FFN is always active, only the low-rank factors are per expert
-            per_expert = sum(getattr(experts, n)[0].numel() for n in ("lora_A_gate_up", "lora_B_gate", "lora_B_up"))
-            per_expert += experts.lora_A_down[0].numel() + experts.lora_B_down[0].numel()
-        inactive += (cfg.num_experts - min(cfg.top_k, cfg.num_experts)) * per_expert
+        inactive += (cfg.num_experts - min(cfg.top_k, cfg.num_experts)) * block.experts.parameters_per_expert()
     return {"total": total, "active": total - inactive}

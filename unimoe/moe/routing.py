@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from unimoe.errors import ConfigError
+
 
 @dataclass
 class Routing:
@@ -49,6 +51,8 @@ def route(
             auxiliary-loss-free balancing); the weights stay the unbiased probabilities.
         token_mask: ``(T,)`` bool, False for padding: those tokens select nothing.
     """
+    if mode not in ("topk", "topp"):
+        raise ConfigError(f"routing: unknown mode {mode!r}; choose 'topk' or 'topp'")
     probs = logits.float().softmax(dim=-1)  # (T, E)
     scores = probs if selection_bias is None else probs + selection_bias.float()
     _, index = scores.topk(top_k, dim=-1, sorted=True)  # (T, k), best first
