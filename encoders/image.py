@@ -65,35 +65,105 @@ class ImageEncoderConfig:
             raise ConfigError("encoders.image.mean/std: need 3 values (RGB)")
 
 
+#: dtype kinds an image array may have: bool, unsigned / signed integers, floats
+IMAGE_DTYPE_KINDS = "buif"
+
+
+def to_uint8(source: Any, array: np.ndarray) -> np.ndarray:
+    """Pixel values of any bit depth → ``uint8``, one rule for arrays and for high-bit-depth files (PIL modes ``I;16``,
+    ``I``, ``F``), since PIL's own ``convert`` clips them (a 16-bit image turns white, a float image black):
+
+    * ``bool`` → 0 / 255; ``uint8`` → as is;
+    * ``uint16`` (16-bit PNG / TIFF) → ``/ 257``, which maps the type's full range 0..65535 onto 0..255;
+    * other numbers by their values: all within [0, 1] → ``* 255`` (floats in [0, 1]; 0/1 masks); within [0, 255]
+      → as is (8-bit data in a wider type); integers within [0, 65535] → ``/ 257`` (16-bit data in a 32-bit type,
+      e.g. a 12- or 16-bit image read as mode ``I``);
+    * anything else (negative values, floats above 255, integers above 65535) has no unambiguous brightness and is
+      rejected rather than clipped or min-max stretched into a different picture."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype.kind not in IMAGE_DTYPE_KINDS:
+        raise MediaError(source, f"expected a numeric image array (bool, integer or float), got dtype {array.dtype}")
+    if array.dtype.kind == "b":
+        return array.astype(np.uint8) * 255
+    if array.dtype.kind == "u" and array.dtype.itemsize == 2:
+        return np.round(array / 257.0).astype(np.uint8)
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise MediaError(source, "image array contains NaN or infinite values")
+    low, high = array.min(), array.max()
+    if low >= 0 and high <= 1:
+        return np.round(array * 255.0).astype(np.uint8)
+    if low >= 0 and high <= 255:
+        return np.round(array).astype(np.uint8)
+    if array.dtype.kind in "ui" and low >= 0 and high <= 65535:
+        return np.round(array / 257.0).astype(np.uint8)
+    accepted = "0..1 or 0..255" if array.dtype.kind == "f" else "0..255, or 0..65535 for 16-bit data"
+    raise MediaError(source, f"image values range from {low:g} to {high:g} ({array.dtype}); expected {accepted}")
+
+
+def _to_rgb(source: Any, image):
+    """A decoded PIL image → RGB, rescaling high-bit-depth modes with :func:`to_uint8` (``convert`` would clip)."""
+    from PIL import Image
+
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = Image.fromarray(to_uint8(source, np.asarray(image)))
+    return image.convert("RGB")
+
+
+def _bomb_size(data: bytes) -> str:
+    """``"WxH pixels"`` of an image PIL refused to open as a decompression bomb, read from its header without the size
+    check (PIL's error gives only the pixel count); ``"too many pixels"`` when no format reads the header."""
+    from PIL import Image
+
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        try:
+            if accept is None or accept(data[:16]):
+                width, height = factory(io.BytesIO(data), None).size
+                return f"{width}x{height} pixels"
+        except Exception:  # not this format: try the next one
+            continue
+    return "too many pixels"
+
+
 def load_image(source: Any, *, max_bytes: int | None = None):
     """A path, bytes, PIL image or ``(H, W[, C])`` array → an RGB PIL image; corrupt input raises MediaError."""
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(source, Image.Image):
-        return source.convert("RGB")
+        return _to_rgb(source, source)
     if isinstance(source, (np.ndarray, torch.Tensor)):
         array = source.detach().cpu().numpy() if isinstance(source, torch.Tensor) else source
         if array.ndim == 3 and array.shape[0] in (1, 3) and array.shape[-1] not in (1, 3):
             array = np.moveaxis(array, 0, -1)  # CHW -> HWC
-        if array.ndim not in (2, 3) or array.size == 0:
-            raise MediaError(source, f"expected an (H, W) or (H, W, C) image array, got shape {array.shape}")
-        if not np.isfinite(array).all():
-            raise MediaError(source, "image array contains NaN or infinite values")
-        if array.dtype != np.uint8:
-            array = np.clip(array * (255.0 if array.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        if array.ndim not in (2, 3) or array.size == 0 or (array.ndim == 3 and array.shape[-1] > 4):
+            raise MediaError(
+                source, f"expected an (H, W) or (H, W, C) image array with C <= 4 channels, got shape {array.shape}"
+            )
+        array = to_uint8(source, array)
         return Image.fromarray(array.squeeze(-1) if array.ndim == 3 and array.shape[-1] == 1 else array).convert("RGB")
+    if not isinstance(source, (str, Path, bytes, bytearray)):
+        raise MediaError(
+            source,
+            f"an image must be a file path, bytes, a PIL image or an (H, W[, C]) array; got {type(source).__name__}",
+        )
     check_size(source, max_bytes)
     data = source if isinstance(source, (bytes, bytearray)) else Path(source).read_bytes()
     try:
         image = Image.open(io.BytesIO(data))
         image.load()  # decode now: a truncated file fails here, not later
+    except Image.DecompressionBombError:
+        # PIL refuses images above 2 * MAX_IMAGE_PIXELS (its warning threshold is MAX_IMAGE_PIXELS: those decode)
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise MediaError(source, f"image is {_bomb_size(bytes(data))}, above the limit of {limit:,} pixels") from None
     except UnidentifiedImageError:
         raise MediaError(source, "not a readable image (unknown or corrupt format)") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise MediaError(source, f"corrupt image ({err})") from None
     if image.width == 0 or image.height == 0:
         raise MediaError(source, "image has zero width or height")
-    return image.convert("RGB")
+    return _to_rgb(source, image)
 
 
 def image_to_tensor(image, config: ImageEncoderConfig) -> torch.Tensor:

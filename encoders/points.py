@@ -194,9 +194,18 @@ def group_points(values: torch.Tensor, num_groups: int, group_size: int) -> tupl
 
 
 def _as_float_array(source: Any, data: Any) -> np.ndarray:
-    array = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    try:
+        array = data.detach().cpu().numpy() if isinstance(data, torch.Tensor) else np.asarray(data)
+    except (TypeError, ValueError):  # ragged lists: rows of different lengths
+        raise MediaError(source, "expected an (N, C) point array; the rows have different lengths") from None
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise MediaError(source, f"expected a numeric (N, C) point array, got dtype {array.dtype}")
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4:
+        too_big = np.isfinite(array) & (np.abs(array) > np.finfo(np.float32).max)
+        if too_big.any():
+            raise MediaError(
+                source, f"values too large for float32 (e.g. {array[too_big].flat[0]:g}; the limit is about 3.4e38)"
+            )
     return array.astype(np.float32)
 
 
@@ -249,6 +258,8 @@ def _read_mesh_points(source: Any, data: bytes, file_type: str, config: PointClo
         geometry = trimesh.load(io.BytesIO(data), file_type=file_type, process=False)
     except Exception as err:  # trimesh raises many types (ValueError, KeyError, IndexError, ...) on corrupt files
         raise MediaError(source, f"not a readable {file_type} file ({type(err).__name__}: {err})") from None
+    if file_type == "ply":
+        _check_ply_counts(source, getattr(geometry, "metadata", {}).get("_ply_raw"))
     if isinstance(geometry, trimesh.Scene):
         geometries = list(geometry.dump()) if geometry.geometry else []
         if not geometries:
@@ -286,6 +297,23 @@ def _read_mesh_points(source: Any, data: bytes, file_type: str, config: PointClo
     return np.concatenate(columns, axis=1).astype(np.float32)
 
 
+def _check_ply_counts(source: Any, raw: Any) -> None:
+    """An ASCII PLY whose header declares more elements (vertices, faces) than its body holds: trimesh keeps what it
+    found, so a cut-off file would load as a smaller cloud. ``raw`` is trimesh's ``metadata["_ply_raw"]``:
+    ``{element: {"length": declared, "data": {property: values} or a structured array}}`` (binary PLYs of the wrong
+    length already fail to load)."""
+    if not isinstance(raw, dict):
+        return
+    for name, element in raw.items():
+        declared, data = element.get("length"), element.get("data")
+        if isinstance(data, dict):
+            found = len(next(iter(data.values()))) if data else None
+        else:
+            found = len(data) if data is not None and hasattr(data, "__len__") else None
+        if isinstance(declared, int) and found is not None and found != declared:
+            raise MediaError(source, f"the PLY header declares {declared} {name!r} elements but the file holds {found}")
+
+
 def _face_colors(mesh, face_index: np.ndarray) -> np.ndarray:
     """RGB in [0, 1] of the sampled faces (trimesh gives a default grey when the file has no colors)."""
     try:
@@ -300,6 +328,12 @@ def load_points(source: Any, config: PointCloudEncoderConfig, *, max_bytes: int 
     ``(N, in_channels)`` float32; any problem raises :class:`MediaError` naming the source."""
     if isinstance(source, (np.ndarray, torch.Tensor, list, tuple)):
         return _check_points(source, _as_float_array(source, source), config)
+    if not isinstance(source, (str, Path, bytes, bytearray)):
+        raise MediaError(
+            source,
+            f"a point cloud must be a file path, bytes or an (N, C) array / list of points; got "
+            f"{type(source).__name__}",
+        )
     check_size(source, max_bytes)
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)

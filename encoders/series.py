@@ -115,6 +115,15 @@ def _check_series(source: Any, array: np.ndarray, config: TimeSeriesEncoderConfi
     """``(L,)`` or ``(L, C)`` numbers → ``(L, C)`` float32 with NaN for missing values, or MediaError."""
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise MediaError(source, f"expected a numeric series, got dtype {array.dtype}")
+    if array.dtype.kind == "f" and array.dtype.itemsize > 4:
+        too_big = np.isfinite(array) & (np.abs(array) > np.finfo(np.float32).max)
+        if too_big.any():
+            row = int(np.argwhere(too_big)[0][0])
+            raise MediaError(
+                source,
+                f"values too large for float32 ({array[too_big].flat[0]:g} in row {row + 1}; the limit is about "
+                f"3.4e38)",
+            )
     array = array.astype(np.float32)
     if array.ndim == 1:
         array = array[:, None]
@@ -156,9 +165,17 @@ def _read_table(source: Any, data: bytes, sep: str | None) -> np.ndarray:
     first = next((line for line in text.splitlines() if line.strip()), "")
     if not first:
         raise MediaError(source, "the table has no rows")
+    if sep != ";" and ";" in first:
+        raise MediaError(
+            source,
+            f"the table seems to use ';' as its separator (first line {first.strip()[:60]!r}); write it with "
+            f"{'tabs' if sep == chr(9) else 'commas' if sep else 'spaces'} between fields and '.' as decimal point",
+        )
+    _check_field_counts(source, text, sep)
     header = None if _looks_numeric(first, sep) else "infer"
     try:
-        frame = pd.read_csv(io.StringIO(text), sep=sep if sep else r"\s+", header=header)
+        # index_col=False: rows with more fields than the header are an error (above), never an index
+        frame = pd.read_csv(io.StringIO(text), sep=sep if sep else r"\s+", header=header, index_col=False)
     except pd.errors.EmptyDataError:
         raise MediaError(source, "the table has no rows") from None
     except (pd.errors.ParserError, ValueError) as err:
@@ -185,6 +202,32 @@ def _read_table(source: Any, data: bytes, sep: str | None) -> np.ndarray:
     return np.stack(values, axis=1)
 
 
+def _check_field_counts(source: Any, text: str, sep: str | None) -> None:
+    """No row may have more fields than the first (the header): pandas would silently turn the extra leading fields
+    into an index and shift every column (``value`` / ``10,20`` read as ``[20, ...]``). Rows with fewer fields are
+    missing values (NaN), as pandas reads them."""
+    import csv
+
+    if sep:
+        reader = csv.reader(io.StringIO(text), delimiter=sep)
+        rows = ((reader.line_num, row) for row in reader if row)
+    else:
+        rows = ((n, line.split()) for n, line in enumerate(text.splitlines(), 1) if line.strip())
+    try:
+        first_line, first = next(rows)
+        for line, row in rows:
+            if len(row) > len(first):
+                raise MediaError(
+                    source,
+                    f"line {line} has {len(row)} fields but the first line (line {first_line}) has {len(first)}; "
+                    f"every row needs one value per column",
+                )
+    except csv.Error as err:
+        raise MediaError(source, f"not a readable table ({err})") from None
+    except StopIteration:
+        return
+
+
 def _is_time_column(column, named: bool) -> bool:
     """A leading column is a time axis when it is not numeric (dates, labels), or numeric with a time-like name."""
     import pandas as pd
@@ -205,6 +248,12 @@ def load_series(source: Any, config: TimeSeriesEncoderConfig, *, max_bytes: int 
         except (TypeError, ValueError) as err:
             raise MediaError(source, f"not a numeric series ({err})") from None
         return _check_series(source, np.asarray(array), config)
+    if not isinstance(source, (str, Path, bytes, bytearray)):
+        raise MediaError(
+            source,
+            f"a series must be a file path, bytes, a list of numbers or an (L,) / (L, C) array; got "
+            f"{type(source).__name__}",
+        )
     check_size(source, max_bytes)
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)

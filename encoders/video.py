@@ -225,6 +225,17 @@ def _frames_from_folder(folder: Path, num_frames: int, max_bytes: int | None) ->
     return [load_image(files[i], max_bytes=max_bytes) for i in sample_indices(len(files), num_frames)]
 
 
+def _load_frame(video: Any, index: int, max_bytes: int | None) -> Any:
+    """Frame ``index`` of a video array or frame list as an RGB image; a bad frame's error names the video and the
+    frame (and the frame's file, when it is one)."""
+    frame = video[index]
+    try:
+        return load_image(frame, max_bytes=max_bytes)
+    except MediaError as err:
+        where = f"frame {index} ({err.source})" if isinstance(frame, (str, Path)) else f"frame {index}"
+        raise MediaError(video, f"{where}: {err.problem}") from None
+
+
 def load_video(source: Any, num_frames: int, *, max_bytes: int | None = None) -> list[Any]:
     """A video file / bytes, a folder of frame images, a list of images or arrays, or a ``(T, H, W, C)`` array →
     ``num_frames`` RGB PIL images sampled uniformly (see :func:`sample_indices`)."""
@@ -233,11 +244,11 @@ def load_video(source: Any, num_frames: int, *, max_bytes: int | None = None) ->
     if isinstance(source, np.ndarray):
         if source.ndim != 4 or source.shape[0] == 0:
             raise MediaError(source, f"expected a (T, H, W, C) video array with T >= 1, got shape {source.shape}")
-        return [load_image(source[i]) for i in sample_indices(source.shape[0], num_frames)]
+        return [_load_frame(source, i, None) for i in sample_indices(source.shape[0], num_frames)]
     if isinstance(source, (list, tuple)):
         if not source:
             raise MediaError(source, "empty list of frames")
-        return [load_image(source[i], max_bytes=max_bytes) for i in sample_indices(len(source), num_frames)]
+        return [_load_frame(source, i, max_bytes) for i in sample_indices(len(source), num_frames)]
     if isinstance(source, (str, Path)) and Path(source).is_dir():
         return _frames_from_folder(Path(source), num_frames, max_bytes)
     if not isinstance(source, (str, Path, bytes, bytearray)):

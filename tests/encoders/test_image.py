@@ -241,3 +241,54 @@ def test_a_model_preset_switches_to_the_conv_image_encoder():
     assert isinstance(encoder, ImageConvEncoder) and encoder.output_dim == 64
     tokens = model.model.connectors["image"](encoder(torch.randn(2, 3, 32, 32)))
     assert tokens.shape == (2, 4, model.config.text_config.hidden_size)
+
+
+def test_an_image_above_the_pixel_limit_is_one_clear_error(tmp_path, monkeypatch):
+    """PIL's DecompressionBombError (a small file that decodes to a huge image) becomes one MediaError with the size."""
+    path = tmp_path / "huge.png"
+    Image.new("L", (120, 100)).save(path)  # 12,000 pixels
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 3_000)  # PIL refuses above twice this
+    with pytest.raises(MediaError, match=r"image is 120x100 pixels, above the limit of 6,000 pixels") as info:
+        load_image(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_16_bit_and_float_images_are_rescaled_not_clipped(tmp_path):
+    """PIL's convert("RGB") clips: a 16-bit PNG came out white, a float TIFF in [0, 1] black."""
+    ramp16 = np.linspace(0, 65535, 64 * 8).reshape(8, 64).astype(np.uint16)
+    Image.fromarray(ramp16).save(tmp_path / "g16.png")  # mode I;16
+    assert Image.open(tmp_path / "g16.png").mode == "I;16"
+    got = np.asarray(load_image(tmp_path / "g16.png"))[..., 0]
+    np.testing.assert_array_equal(got, np.round(ramp16 / 257.0).astype(np.uint8))
+
+    ramp = np.linspace(0, 1, 64 * 8, dtype=np.float32).reshape(8, 64)
+    Image.fromarray(ramp, mode="F").save(tmp_path / "f.tif")
+    got = np.asarray(load_image(tmp_path / "f.tif"))[..., 0].astype(int)
+    assert np.abs(got - np.round(ramp * 255)).max() <= 1 and got.min() == 0 and got.max() == 255
+
+    Image.fromarray((ramp16 // 16).astype(np.int32), mode="I").save(tmp_path / "i32.tif")  # 12-bit data in mode I
+    got = np.asarray(load_image(tmp_path / "i32.tif"))[..., 0].astype(int)
+    assert np.abs(got - (ramp16 // 16) / 257.0).max() <= 1
+
+    Image.fromarray(ramp * 1000 - 10, mode="F").save(tmp_path / "depth.tif")  # no brightness to read: rejected
+    with pytest.raises(MediaError, match=r"depth.tif: image values range from -10 to 990 \(float32\); expected 0..1"):
+        load_image(tmp_path / "depth.tif")
+    assert np.asarray(load_image(np.full((2, 2), 65535, np.uint16))).max() == 255  # arrays follow the same rule
+
+
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        (
+            [[1, 2], [3, 4]],
+            r"<list>: an image must be a file path, bytes, a PIL image or an \(H, W\[, C\]\) array; got",
+        ),
+        (5, "<int>: an image must be"),
+        (np.zeros((16, 16, 5)), r"<array \(16, 16, 5\)>: expected an \(H, W\) or \(H, W, C\) image array with C <= 4"),
+        (np.array([[None]]), r"<array \(1, 1\)>: expected a numeric image array .* got dtype object"),
+        (np.ones((4, 4, 3), np.complex64), "got dtype complex64"),
+    ],
+)
+def test_unusable_image_objects_name_what_is_accepted(source, needle):
+    with pytest.raises(MediaError, match=needle):
+        load_image(source)

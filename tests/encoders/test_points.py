@@ -343,3 +343,29 @@ def test_missing_file_big_file_and_bad_arrays(tmp_path):
         PointCloudEncoder.load(torch.tensor([[0.0, 0.0, float("inf")]]), config)
     with pytest.raises(MediaError, match="3 channels"):
         PointCloudEncoder.load(np.zeros((10, 3)), tiny_config(in_channels=6))
+
+
+def test_a_ply_with_fewer_vertices_than_its_header_declares_is_rejected(tmp_path):
+    header = "ply\nformat ascii 1.0\nelement vertex 100\nproperty float x\nproperty float y\nproperty float z\n"
+    path = tmp_path / "cut.ply"
+    path.write_text(header + "end_header\n0 0 0\n")
+    with pytest.raises(
+        MediaError, match=r"cut.ply: the PLY header declares 100 'vertex' elements but the file holds 1"
+    ):
+        load_points(path, tiny_config())
+    path.write_text(header.replace("100", "2") + "end_header\n0 0 0\n1 1 1\n")
+    assert load_points(path, tiny_config()).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("source", "needle"),
+    [
+        ([[0, 0, 0], [1, 1]], r"<list>: expected an \(N, C\) point array; the rows have different lengths"),
+        ({"x": [0]}, "<dict>: a point cloud must be a file path, bytes or an"),
+        (7, "<int>: a point cloud must be"),
+        (np.array([[1e300, 0.0, 0.0]]), "values too large for float32"),
+    ],
+)
+def test_unusable_point_objects_name_what_is_accepted(source, needle):
+    with pytest.raises(MediaError, match=needle):
+        load_points(source, tiny_config())

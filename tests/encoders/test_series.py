@@ -351,3 +351,43 @@ def test_a_model_preset_switches_to_the_conv_series_encoder_and_still_forecasts(
     tokens = model.model.connectors["series"](encoder(torch.randn(2, 100, 3)))
     assert tokens.shape == (2, 8, model.config.text_config.hidden_size)
     assert "series" in model.model.generation_heads  # the forecasting head reads this encoder's context length
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        # European style: ';' between fields, ',' as decimal point (read as [5, 5, 25, 75] before)
+        ("date;sales\n2020-01-01;1,5\n2020-01-02;2,5\n2020-01-03;7,25\n", "seems to use ';' as its separator"),
+        ("1;2\n3;4\n", "seems to use ';' as its separator"),
+        # more fields than the header: pandas made the extra leading field an index (read as [20, 40, 60] before)
+        ("value\n10,20\n30,40\n50,60\n", r"line 2 has 2 fields but the first line \(line 1\) has 1"),
+        ("a,b\n1,2\n3,4,5\n", r"line 3 has 3 fields but the first line \(line 1\) has 2"),
+    ],
+)
+def test_misread_tables_are_rejected(tmp_path, text, needle):
+    path = tmp_path / "s.csv"
+    path.write_text(text)
+    with pytest.raises(MediaError, match=needle) as info:
+        load_series(path, tiny_config())
+    assert str(info.value).startswith(f"{path}: ")
+
+
+def test_short_rows_stay_missing_values(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("a,b\n1,2\n3\n")
+    np.testing.assert_array_equal(load_series(path, tiny_config()), np.array([[1, 2], [3, np.nan]], np.float32))
+
+
+def test_values_beyond_float32_are_called_too_large_not_infinite(tmp_path):
+    path = tmp_path / "s.csv"
+    path.write_text("v\n1\n1e300\n")
+    with pytest.raises(MediaError, match=r"values too large for float32 \(1e\+300 in row 2"):
+        load_series(path, tiny_config())
+    with pytest.raises(MediaError, match="contains infinite values"):
+        load_series(np.array([1.0, np.inf]), tiny_config())
+
+
+@pytest.mark.parametrize("source", [{"a": 1}, 3.5, object()])
+def test_unusable_series_objects_name_what_is_accepted(source):
+    with pytest.raises(MediaError, match=r"a series must be a file path, bytes, a list of numbers or an \(L,\)"):
+        load_series(source, tiny_config())

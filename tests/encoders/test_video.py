@@ -18,6 +18,7 @@ from unimoe.encoders.video import (
     VideoConvEncoderConfig,
     VideoEncoder,
     VideoEncoderConfig,
+    load_video,
     sample_indices,
 )
 from unimoe.errors import ConfigError
@@ -476,3 +477,12 @@ def test_a_model_preset_switches_to_the_conv_encoder():
     assert isinstance(encoder, VideoConvEncoder) and encoder.output_dim == 64
     values = torch.randn(2, 4, 3, 32, 32)
     assert model.model.connectors["video"](encoder(values)).shape[-1] == model.config.text_config.hidden_size
+
+
+def test_a_bad_frame_is_reported_against_the_video_and_its_index(tmp_path):
+    video = np.zeros((4, 16, 16, 3), np.float32)
+    video[2] = np.nan
+    with pytest.raises(MediaError, match=r"^<array \(4, 16, 16, 3\)>: frame 2: image array contains NaN"):
+        load_video(video, 4)
+    with pytest.raises(MediaError, match=r"^<list>: frame 1 \(.*missing.png\): file does not exist"):
+        load_video([np.zeros((8, 8, 3), np.uint8), str(tmp_path / "missing.png")], 2)
