@@ -50,7 +50,7 @@ def load_records(spec: TaskSpec, data_root: str | Path | None, limit: int | None
         from unimoe.eval.readers import read_benchmark
 
         return read_benchmark(spec.reader, Path(spec.path), split=spec.split, limit=limit)
-    return read_split(task_dir(data_root, spec.data), spec.split, limit=limit)
+    return read_split(task_dir(data_root, spec.data), spec.split, limit=limit, output=spec.output)
 
 
 # ----------------------------------------------------------------------------- predictions

@@ -53,7 +53,9 @@ class TrainData:
         for name in names:
             path = task_dir(data_root, name)
             records = [
-                t for t in (training_record(r, generation) for r in read_split(path, mix.split)) if t is not None
+                t
+                for t in (training_record(r, generation) for r in read_split(path, mix.split, train=True))
+                if t is not None
             ]
             if every and inputs is not None:  # e.g. image tasks for a model without an image encoder
                 records = [r for r in records if input_media(r) <= set(inputs)]

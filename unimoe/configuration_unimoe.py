@@ -13,6 +13,7 @@ from unimoe.moe.config import MoEConfig
 #: Token modalities, in id order. ``modality_ids`` in the model's inputs index this list.
 DEFAULT_MODALITIES = ["text", "image", "audio", "video", "points", "series"]
 
+
 #: Decoder families whose attention, norm, RoPE and dense MLP we reuse from transformers.
 def supported_decoders() -> list[str]:
     """The decoder families of ``unimoe.modeling_decoder.DECODER_FAMILIES`` (one list: a family registered there is

@@ -128,7 +128,7 @@ def test_bad_requests_fail_clearly(model_and_processor, data_root, tmp_path):
         evaluate(model, processor, [TaskSpec(name="x", data="never_built")], out_dir=tmp_path, data_root=data_root)
     corrupt = data_root / "toy_corrupt"
     corrupt.mkdir()
-    (corrupt / "test.jsonl").write_text('{"id": 1, "messages": []}\n{not json\n')
+    (corrupt / "test.jsonl").write_text('{"id": "a", "messages": [{"role": "user", "content": "hi"}]}\n{not json\n')
     (corrupt / MARKER).write_text(json.dumps({"version": 1, "seed": 0, "card": {"sizes": {"test": 2}}}))
     with pytest.raises(DataError, match=r"test.jsonl:2: not valid JSON"):
         evaluate(model, processor, [TaskSpec(name="c", data="toy_corrupt")], out_dir=tmp_path, data_root=data_root)
@@ -233,3 +233,17 @@ def test_records_without_answers_give_predictions_not_a_zero_score(model_and_pro
     assert "unlabelled" not in summary["results"] and "no answers" in summary["skipped"]["unlabelled"]
     samples = [json.loads(x) for x in (tmp_path / "samples_unlabelled.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all(s["prediction"] in WORDS for s in samples)
+
+
+def test_a_multiple_choice_record_without_choices_is_one_clear_error(tmp_path):
+    from unimoe.data.build import DataError, build_task
+    from unimoe.eval.runner import load_records
+    from unimoe.eval.tasks import resolve_tasks
+
+    build_task("shapes3d", tmp_path)
+    path = tmp_path / "shapes3d" / "test.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()[:2]]
+    del records[1]["choices"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match=r"test.jsonl:2: record .*choices"):
+        load_records(resolve_tasks("shapes3d")[0], tmp_path, limit=None)
