@@ -46,6 +46,21 @@ def npy_problem(err: Exception) -> str:
     return f"not a readable .npy array ({text})"
 
 
+def check_float32_range(source: Any, array: Any) -> None:
+    """A float64 array whose finite values float32 cannot hold: say so (the cast would report them as infinite)."""
+    import numpy as np
+
+    if array.dtype.kind != "f" or array.dtype.itemsize <= 4:
+        return
+    too_big = np.isfinite(array) & (np.abs(array) > np.finfo(np.float32).max)
+    if too_big.any():
+        row = int(np.argwhere(too_big)[0][0])
+        raise MediaError(
+            source,
+            f"values too large for float32 ({array[too_big].flat[0]:g} in row {row + 1}; the limit is about 3.4e38)",
+        )
+
+
 def describe_source(source: Any) -> str:
     if isinstance(source, (str, Path)):
         return str(source)

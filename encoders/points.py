@@ -30,7 +30,7 @@ from torch import nn
 
 from unimoe.errors import ConfigError
 
-from .base import ENCODERS, MediaEncoder, MediaError, check_size, npy_problem
+from .base import ENCODERS, MediaEncoder, MediaError, check_float32_range, check_size, npy_problem
 
 #: channel layout of each ``features`` choice (xyz always first)
 POSES = ("none", "pca")
@@ -200,12 +200,7 @@ def _as_float_array(source: Any, data: Any) -> np.ndarray:
         raise MediaError(source, "expected an (N, C) point array; the rows have different lengths") from None
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise MediaError(source, f"expected a numeric (N, C) point array, got dtype {array.dtype}")
-    if array.dtype.kind == "f" and array.dtype.itemsize > 4:
-        too_big = np.isfinite(array) & (np.abs(array) > np.finfo(np.float32).max)
-        if too_big.any():
-            raise MediaError(
-                source, f"values too large for float32 (e.g. {array[too_big].flat[0]:g}; the limit is about 3.4e38)"
-            )
+    check_float32_range(source, array)
     return array.astype(np.float32)
 
 

@@ -32,7 +32,15 @@ from torch import nn
 
 from unimoe.errors import ConfigError
 
-from .base import ENCODERS, MediaEncoder, MediaError, check_conv_fields, check_size, npy_problem
+from .base import (
+    ENCODERS,
+    MediaEncoder,
+    MediaError,
+    check_conv_fields,
+    check_float32_range,
+    check_size,
+    npy_problem,
+)
 
 TABLE_SUFFIXES = {".csv": ",", ".tsv": "\t", ".txt": None}
 #: names of a leading *numeric* column that is a time axis, not a channel (compared lower-case)
@@ -115,15 +123,7 @@ def _check_series(source: Any, array: np.ndarray, config: TimeSeriesEncoderConfi
     """``(L,)`` or ``(L, C)`` numbers → ``(L, C)`` float32 with NaN for missing values, or MediaError."""
     if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise MediaError(source, f"expected a numeric series, got dtype {array.dtype}")
-    if array.dtype.kind == "f" and array.dtype.itemsize > 4:
-        too_big = np.isfinite(array) & (np.abs(array) > np.finfo(np.float32).max)
-        if too_big.any():
-            row = int(np.argwhere(too_big)[0][0])
-            raise MediaError(
-                source,
-                f"values too large for float32 ({array[too_big].flat[0]:g} in row {row + 1}; the limit is about "
-                f"3.4e38)",
-            )
+    check_float32_range(source, array)
     array = array.astype(np.float32)
     if array.ndim == 1:
         array = array[:, None]

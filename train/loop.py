@@ -22,6 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -84,6 +85,13 @@ def _log_step(line: str) -> float:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as JSON through a temporary file and a rename: a kill leaves the old file or the new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
 def latest_checkpoint(ckpt_root: Path) -> Path | None:
     """The newest complete checkpoint (a directory with a readable trainer state); half-written ones are ignored."""
     if not ckpt_root.is_dir():
@@ -454,9 +462,7 @@ def train_stage(
     if accelerator.is_main_process:
         # result.json before final/: a stage counts as finished once final/ exists, so a kill between the two
         # must not leave a final/ without its result (the run could never be resumed)
-        tmp = out_dir / "result.json.tmp"
-        tmp.write_text(json.dumps(result.__dict__, indent=2))
-        os.replace(tmp, out_dir / "result.json")
+        write_json_atomic(out_dir / "result.json", result.__dict__)
         if to_save is not None:
             save_checkpoint(to_save, final, processor=processor, model_name=f"{out_dir.name}",
                             notes=f"After training stage `{stage.name}` ({stage.kind}).")  # fmt: skip

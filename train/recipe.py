@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -77,10 +76,10 @@ class _Timings:
         self.seconds: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
 
     def add(self, name: str, seconds: float) -> None:
+        from unimoe.train.loop import write_json_atomic
+
         self.seconds[name] = round(self.seconds.get(name, 0.0) + seconds, 1)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.seconds, indent=2))
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, self.seconds)
 
     def total(self) -> dict[str, float]:
         return {**self.seconds, "total": round(sum(self.seconds.values()), 1)}
@@ -99,7 +98,7 @@ def run_recipe(
     from unimoe.eval.report import picture_files, pictures_markdown, results_table
     from unimoe.hub import EvalScore, save_checkpoint
     from unimoe.inference import init_checkpoint, load_pretrained
-    from unimoe.train.loop import latest_checkpoint, train_stage
+    from unimoe.train.loop import latest_checkpoint, train_stage, write_json_atomic
 
     out, data_root = Path(out), Path(data_root)
     tasks = list(recipe.data.get("tasks", []))
@@ -188,8 +187,7 @@ def run_recipe(
                     notes=notes, extra_files=pictures)  # fmt: skip
     timings.add("final", time.perf_counter() - t0)
     run = {"recipe": recipe.name, "stages": stage_results, "results": summary["results"], "timings_s": timings.total()}
-    (out / "run.json.tmp").write_text(json.dumps(run, indent=2))
-    os.replace(out / "run.json.tmp", out / "run.json")  # last: a run with run.json is finished
+    write_json_atomic(out / "run.json", run)  # last: a run with run.json is finished
     if progress:
         print(results_table(summary))
         if pictures:

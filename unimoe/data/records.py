@@ -42,14 +42,9 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
     return n
 
 
-def iter_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The JSON values of a JSONL file, one per non-blank line (a :class:`DataError` naming the line when one is
-    not UTF-8 text or not valid JSON)."""
-    for _, value in _iter_lines(Path(path)):
-        yield value
-
-
 def _iter_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(line number, JSON value)`` for each non-blank line (a :class:`DataError` naming the line when one is not
+    UTF-8 text or not valid JSON)."""
     from unimoe.data.build import DataError
 
     with path.open("rb") as f:
@@ -67,22 +62,6 @@ def _iter_lines(path: Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-
-
-def absolutize(record: dict[str, Any], base: Path) -> dict[str, Any]:
-    """Resolve relative media paths of a record against ``base`` (returns a new record)."""
-    messages = []
-    for message in record.get("messages", []):
-        content = message.get("content")
-        if isinstance(content, list):
-            content = [
-                {**part, "path": str(base / part["path"])}
-                if part.get("type", "text") != "text" and "path" in part and not Path(part["path"]).is_absolute()
-                else part
-                for part in content
-            ]
-        messages.append({**message, "content": content})
-    return {**record, "messages": messages}
 
 
 # ----------------------------------------------------------------------------- validation
