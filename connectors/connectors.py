@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unimoe.config_utils import config_from_dict
+from unimoe.config_utils import check_positive_ints, config_from_dict
 from unimoe.errors import ConfigError
 from unimoe.registry import Registry
 
@@ -39,8 +39,7 @@ class MLPProjectorConfig:
     norm_scale: float = 1.0  # initial gain of the normalized output (the per-element RMS it starts at)
 
     def __post_init__(self) -> None:
-        if self.pool < 1:
-            raise ConfigError(f"connectors.*.pool: must be >= 1, got {self.pool}")
+        check_positive_ints(self, ("pool",), "connectors.*")
         if self.norm not in NORMS:
             raise ConfigError(f"connectors.*.norm: unknown norm {self.norm!r}; choose one of {', '.join(NORMS)}")
         if not self.norm_scale > 0:
@@ -101,10 +100,7 @@ class QueryResamplerConfig:
     mlp_ratio: float = 2.0
 
     def __post_init__(self) -> None:
-        if self.num_queries < 1:
-            raise ConfigError(f"connectors.*.num_queries: must be >= 1, got {self.num_queries}")
-        if self.num_layers < 1:
-            raise ConfigError(f"connectors.*.num_layers: must be >= 1, got {self.num_layers}")
+        check_positive_ints(self, ("num_queries", "num_layers", "num_heads"), "connectors.*")
 
 
 class _ResamplerBlock(nn.Module):

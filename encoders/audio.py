@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from unimoe.config_utils import check_positive_ints
 from unimoe.errors import ConfigError
 
 from .base import ENCODERS, MediaEncoder, MediaError, check_size
@@ -58,10 +59,11 @@ class AudioEncoderConfig:
     attn_implementation: str = "sdpa"
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"encoders.audio.{name}: must be a positive integer, got {value!r}")
+        check_positive_ints(
+            self,
+            ("d_model", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim", "num_mel_bins"),
+            "encoders.audio",
+        )
         if self.d_model % self.encoder_attention_heads != 0:
             raise ConfigError(
                 f"encoders.audio.encoder_attention_heads: d_model={self.d_model} is not divisible by "

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from unimoe.config_utils import config_from_dict
+from unimoe.config_utils import check_positive_ints, config_from_dict
 from unimoe.errors import ConfigError, UniMoEError
 from unimoe.registry import Registry
 
@@ -94,10 +94,7 @@ def check_size(source: Any, max_bytes: int | None) -> None:
 def check_conv_fields(where: str, config: Any, *int_fields: str) -> None:
     """The checks every convolutional encoder config shares: ``int_fields`` are integers >= 1 and ``widths`` is a
     non-empty list of positive channel counts. Errors name ``where.<field>``."""
-    for name in int_fields:
-        value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ConfigError(f"{where}.{name}: must be an integer >= 1, got {value!r}")
+    check_positive_ints(config, int_fields, where)
     check_channels(f"{where}.widths", config.widths)
 
 

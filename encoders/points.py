@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unimoe.config_utils import check_positive_ints
 from unimoe.errors import ConfigError
 
 from .base import ENCODERS, MediaEncoder, MediaError, check_float32_range, check_size, npy_problem
@@ -64,10 +65,9 @@ class PointCloudEncoderConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("num_points", "num_groups", "group_size", "dim", "depth", "num_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"encoders.points.{name}: must be a positive integer, got {value!r}")
+        check_positive_ints(
+            self, ("num_points", "num_groups", "group_size", "dim", "depth", "num_heads"), "encoders.points"
+        )
         if self.num_groups > self.num_points:
             raise ConfigError(
                 f"encoders.points.num_groups: {self.num_groups} centers cannot be sampled from "

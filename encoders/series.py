@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unimoe.config_utils import check_positive_ints
 from unimoe.errors import ConfigError
 
 from .base import (
@@ -59,10 +60,9 @@ class TimeSeriesEncoderConfig:
     eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        for name in ("context_length", "patch_size", "num_channels", "dim", "depth", "num_heads"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"encoders.series.{name}: must be a positive integer, got {value!r}")
+        check_positive_ints(
+            self, ("context_length", "patch_size", "num_channels", "dim", "depth", "num_heads"), "encoders.series"
+        )
         if self.context_length % self.patch_size != 0:
             raise ConfigError(
                 f"encoders.series.context_length: {self.context_length} is not a multiple of "

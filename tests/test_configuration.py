@@ -98,3 +98,46 @@ def test_scalar_fields_are_converted_or_named():
     assert MoEConfig.from_dict({"capacity_factor": None}).capacity_factor is None
     with pytest.raises(ConfigError, match="moe.top_k: expected an integer, got null"):
         MoEConfig.from_dict({"top_k": None})
+
+
+@pytest.mark.parametrize(
+    ("kind", "spec", "field"),
+    [
+        ("encoder", {"type": "point_bert", "num_groups": 0}, "encoders.points.num_groups"),
+        ("encoder", {"type": "patch_ts", "patch_size": 0}, "encoders.series.patch_size"),
+        ("encoder", {"type": "whisper", "encoder_layers": -1}, "encoders.audio.encoder_layers"),
+        ("encoder", {"type": "image_conv", "dim": 0}, "encoders.image.dim"),  # the conv encoders' shared check
+        ("connector", {"type": "resampler", "num_heads": 0}, "connectors.video.num_heads"),
+        ("connector", {"type": "mlp", "pool": -3}, "connectors.video.pool"),
+        ("head", {"skip_window": 0}, "generation.series.skip_window"),
+    ],
+)
+def test_counts_must_be_positive_integers_everywhere(kind, spec, field):
+    """Every part's counts go through one check (``config_utils.check_positive_ints``): zero, negatives, booleans
+    and fractions are refused with the part and the field named (booleans and fractions in YAML already stop at
+    the field's type check, ``config_from_dict``)."""
+    from unimoe.connectors import connector_tokens
+    from unimoe.encoders.base import encoder_class
+    from unimoe.generation import head_config
+
+    modality = {"point_bert": "points", "patch_ts": "series", "whisper": "audio", "image_conv": "image"}
+    build = {
+        "encoder": lambda: encoder_class(spec, modality[spec["type"]]),
+        "connector": lambda: connector_tokens("video", spec, 4),
+        "head": lambda: head_config("series", spec),
+    }[kind]
+    with pytest.raises(ConfigError, match=rf"^{field}: must be"):
+        build()
+
+
+def test_check_positive_ints():
+    from unimoe.config_utils import check_positive_ints
+
+    class Counts:
+        n = 3
+
+    check_positive_ints(Counts(), ("n",), "x")  # a valid count passes
+    for bad in (0, -2, True, 1.0, "3", None):
+        Counts.n = bad
+        with pytest.raises(ConfigError, match=rf"^x\.n: must be a positive integer, got {bad!r}$"):
+            check_positive_ints(Counts(), ("n",), "x")

@@ -27,6 +27,15 @@ def read_yaml(path: Path, text: str | None = None) -> Any:
         raise ConfigError(f"{path}: cannot be read ({err.strerror or err})") from None
 
 
+def check_positive_ints(config: Any, names: tuple[str, ...] | list[str], where: str) -> None:
+    """Each field of ``config`` in ``names`` is an integer >= 1 (``True`` is not a count); the error names
+    ``where.<field>`` and the value."""
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{where}.{name}: must be a positive integer, got {value!r}")
+
+
 def config_from_dict(cls: type, data: dict[str, Any] | Any, *, where: str) -> Any:
     """Build a dataclass config from a dict, naming unknown fields."""
     if dataclasses.is_dataclass(data) and not isinstance(data, type):

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from unimoe.config_utils import config_from_dict
+from unimoe.config_utils import check_positive_ints, config_from_dict
 from unimoe.errors import ConfigError
 
 
@@ -50,7 +50,7 @@ class DiffusionHeadConfig:
 
     def __post_init__(self) -> None:
         where = f"generation.{self.modality}"
-        _positive(self, ("num_queries", "cond_dim", "num_inference_steps", "noise_samples"), where)
+        check_positive_ints(self, ("num_queries", "cond_dim", "num_inference_steps", "noise_samples"), where)
         if not isinstance(self.prompt_tokens, int) or isinstance(self.prompt_tokens, bool) or self.prompt_tokens < 0:
             raise ConfigError(f"{where}.prompt_tokens: must be an integer >= 0, got {self.prompt_tokens!r}")
         if not 0.0 <= self.cond_dropout < 1.0:
@@ -92,7 +92,7 @@ class ImageHeadConfig(DiffusionHeadConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive(self, ("size", "output_size"), "generation.image")
+        check_positive_ints(self, ("size", "output_size"), "generation.image")
         if self.channels not in (1, 3):
             raise ConfigError(f"generation.image.channels: 1 (greyscale) or 3 (RGB), got {self.channels}")
         if self.vae is not None:
@@ -130,7 +130,9 @@ class AudioHeadConfig(DiffusionHeadConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         where = "generation.audio"
-        _positive(self, ("sample_rate", "n_fft", "hop_length", "n_mels", "frames", "griffin_lim_iters"), where)
+        check_positive_ints(
+            self, ("sample_rate", "n_fft", "hop_length", "n_mels", "frames", "griffin_lim_iters"), where
+        )
         if self.hop_length > self.n_fft:
             raise ConfigError(f"{where}.hop_length: {self.hop_length} is larger than n_fft={self.n_fft}")
         if self.range_db <= 0:
@@ -176,8 +178,8 @@ class ForecastHeadConfig:
 
     def __post_init__(self) -> None:
         where = "generation.series"
-        _positive(self, ("num_queries", "max_horizon", "default_horizon", "hidden_size", "skip_window", "skip_experts"),
-                  where)  # fmt: skip
+        names = ("num_queries", "max_horizon", "default_horizon", "hidden_size", "skip_window", "skip_experts")
+        check_positive_ints(self, names, where)
         if self.default_horizon > self.max_horizon:
             raise ConfigError(f"{where}.default_horizon: {self.default_horizon} exceeds max_horizon={self.max_horizon}")
         qs = [float(q) for q in self.quantiles]
@@ -207,10 +209,3 @@ def head_config(modality: str, spec: dict[str, Any] | Any):
                           f"{', '.join(HEAD_CONFIGS)}")  # fmt: skip
     spec = {k: v for k, v in dict(spec or {}).items() if k != "trainable"}
     return config_from_dict(HEAD_CONFIGS[modality], spec, where=f"generation.{modality}")
-
-
-def _positive(cfg: Any, names: tuple[str, ...], where: str) -> None:
-    for name in names:
-        value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise ConfigError(f"{where}.{name}: must be a positive integer, got {value!r}")
