@@ -25,6 +25,7 @@ import torch
 
 from unimoe.encoders import MediaError
 from unimoe.errors import InputError, UniMoEError
+from unimoe.generation.api import sampling_kwargs
 from unimoe.processing_unimoe import SUFFIX_MODALITY, guess_modality
 
 from .media import load_media, write_point_cloud_preview
@@ -323,10 +324,7 @@ class ChatEngine:
         inputs = self.processor(messages, add_generation_prompt=True, return_labels=False).to(self.model.device)
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
-        if settings.temperature > 0:
-            sampling = {"do_sample": True, "temperature": settings.temperature}
-        else:
-            sampling = {"do_sample": False}
+        sampling = sampling_kwargs(settings.temperature)
         tokenizer = self.processor.tokenizer
         self.model.generate(
             **inputs,

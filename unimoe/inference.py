@@ -145,12 +145,14 @@ def chat(
     seed: int | None = None,
 ) -> str:
     """Answer one user turn with text and media files (modality from the suffix unless given)."""
+    from unimoe.generation.api import sampling_kwargs
+
+    sampling = sampling_kwargs(temperature)
     message = user_message(prompt, files, modalities)
     inputs = processor([message], add_generation_prompt=True, return_labels=False)
     inputs = inputs.to(model.device)
     if seed is not None:
         torch.manual_seed(seed)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     generated = model.generate(
         **inputs,
         max_new_tokens=max_new_tokens,

@@ -109,6 +109,21 @@ def test_a_forecast_needs_a_series_in_the_prompt(gen_model):
         model.generate_multimodal(processor, [{"role": "user", "content": "Forecast."}], output_modality="series")
 
 
+def test_temperature_zero_is_greedy_and_a_bad_one_is_named(gen_model):
+    from unimoe.generation.api import sampling_kwargs
+    from unimoe.inference import chat
+
+    assert sampling_kwargs(0) == {"do_sample": False}
+    assert sampling_kwargs(0.7) == {"do_sample": True, "temperature": 0.7}
+    model, processor = gen_model
+    messages = [{"role": "user", "content": "Hello"}]
+    for bad in (-0.5, float("nan"), float("inf"), "hot"):  # below 0 and NaN used to decode greedily without a word
+        with pytest.raises(GenerationError, match=r"^temperature: must be a finite number >= 0"):
+            model.generate_multimodal(processor, messages, temperature=bad, max_new_tokens=2)
+        with pytest.raises(GenerationError, match=r"^temperature: must be a finite number >= 0"):
+            chat(model, processor, "Hello", temperature=bad, max_new_tokens=2)
+
+
 def test_a_forecast_the_model_chooses_without_a_series_is_dropped_not_raised(gen_model, emits):
     """A badly trained model may write the forecasting token for a prompt without a series (seen in a 60-step
     recipe's evaluation of spoken words): that reply gets no forecast; the batch's other replies are unaffected."""

@@ -8,6 +8,7 @@ gives their last-layer states, and the head turns them into the item (a diffusio
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -43,6 +44,14 @@ def _require_head(model, modality: str) -> None:
         raise GenerationError(f"this checkpoint has no {kind}, so it cannot generate {modality}; it generates: {makes}")
 
 
+def sampling_kwargs(temperature: float) -> dict[str, Any]:
+    """``generate()``'s sampling arguments for a temperature: 0 is greedy decoding, above 0 samples. A negative or
+    non-finite temperature is refused (below 0 it fell back to greedy without a word; NaN too)."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        raise GenerationError(f"temperature: must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    return {"do_sample": True, "temperature": float(temperature)} if temperature > 0 else {"do_sample": False}
+
+
 @torch.no_grad()
 def generate_multimodal(
     model,
@@ -65,6 +74,7 @@ def generate_multimodal(
     conversations share the batch (text sampling uses the first seed). ``num_inference_steps`` /
     ``guidance_scale`` override the heads' defaults; ``forecast_horizon`` defaults to "next N" in the last user
     turn, else the head's ``default_horizon``; ``streamer`` (batch of one) receives the text as it is generated."""
+    sampling = sampling_kwargs(temperature)
     single = bool(messages) and isinstance(messages[0], dict)
     conversations = [list(messages)] if single else [list(c) for c in messages]
     if output_modality is not None:
@@ -84,7 +94,6 @@ def generate_multimodal(
         new_tokens = [[processor.gen_token_ids[output_modality]] for _ in range(batch)]
         texts = [""] * batch
     else:
-        sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
         generated = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -211,4 +220,4 @@ def forecast_records(model, processor, records: Sequence[dict], *, batch_size: i
     return [f.point.tolist() for f in forecast_outputs(model, processor, records, batch_size=batch_size)]
 
 
-__all__ = ["GenerationError", "forecast_outputs", "forecast_records", "generate_multimodal"]
+__all__ = ["GenerationError", "forecast_outputs", "forecast_records", "generate_multimodal", "sampling_kwargs"]
