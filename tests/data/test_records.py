@@ -149,6 +149,12 @@ TASK_KINDS = [
     (None, good(choices=[]), "'choices' must be a non-empty list of strings, got \\[\\]"),
     (None, good(choices=[1, 2]), "'choices' must be a non-empty list of strings, got \\[1, 2\\]"),
     (None, good(choices="box"), "'choices' must be a non-empty list of strings, got \"box\""),
+    (
+        "multiple_choice",
+        good(answer="eight"),
+        'the answer "eight" is not one of the choices \\["six", "seven"\\]: the '
+        "model picks a choice, so this item could never be scored right",
+    ),
     ("forecast", good(target=DROP), "no 'target': a forecast task needs the values to forecast"),
     (None, good(target="359.2 359.1"), "'target' must be a non-empty list of finite numbers, got \"359.2 359.1\""),
     (None, good(target=[]), "'target' must be a non-empty list of finite numbers, got \\[\\]"),
@@ -164,6 +170,20 @@ def test_choices_and_forecast_targets_are_checked(tmp_path, output, record, prob
         read_split(task, "test", output=output)
     if output is not None:
         assert len(read_split(task, "test")) == 2  # a generate task needs neither
+
+
+def test_answers_match_choices_as_the_scorer_compares_them(tmp_path):
+    records = read_split(split_with(tmp_path, good(answer=" Seven.")), "test", output="multiple_choice")
+    assert records[1]["answer"] == " Seven."  # normalized like the accuracy metric: "seven"
+
+
+def test_an_id_used_twice_in_a_split_is_named(tmp_path):
+    """Predictions and per-item results are keyed by id: a repeated id would overwrite one item with another."""
+    task = split_with(tmp_path, good(id="toy/test/00000"))
+    with pytest.raises(
+        DataError, match="test.jsonl:2: record 'toy/test/00000': the id is already used on line 1; ids must be unique"
+    ):
+        read_split(task, "test")
 
 
 def test_non_finite_target_is_refused(tmp_path):

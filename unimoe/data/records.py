@@ -117,7 +117,8 @@ def check_record(record: Any, media: MediaRoot, *, output: str | None = None, tr
     string ``path`` inside the task folder (or inline ``values``); the first non-system message is the user's and
     says something; ``answer`` a string (or null), ``choices`` a non-empty list of strings, ``target`` a non-empty
     list of finite numbers, ``meta`` an object. ``output`` (a task's output type) adds what that kind of task needs
-    (``multiple_choice``: ``choices``; ``forecast``: ``target``); ``train``: the last message is the assistant's."""
+    (``multiple_choice``: ``choices``, with the ``answer`` among them as the scorer compares answers; ``forecast``:
+    ``target``); ``train``: the last message is the assistant's."""
     if type(record) is not dict:
         raise RecordError(f"a record must be a JSON object, got {_kind(record)}")
     rid = record.get("id")
@@ -171,6 +172,14 @@ def check_record(record: Any, media: MediaRoot, *, output: str | None = None, tr
             raise RecordError(f"'choices' must be a non-empty list of strings, got {_short(choices)}")
     elif output == "multiple_choice":
         raise RecordError("no 'choices': a multiple-choice task scores the model's likelihood of each choice")
+    if output == "multiple_choice" and answer is not None:
+        from unimoe.eval.metrics import normalize_answer  # the scorer's own comparison: no false alarms
+
+        if normalize_answer(answer) not in {normalize_answer(c) for c in choices}:
+            raise RecordError(
+                f"the answer {_short(answer)} is not one of the choices {_short(choices)}: the model picks a choice, "
+                "so this item could never be scored right"
+            )
     target = record.get("target")
     if target is not None:
         if type(target) is not list or not target or not _finite_numbers(target):
@@ -227,7 +236,7 @@ def read_split(
     """All records of a split with absolute media paths, each checked by :func:`check_record` (``output``: the
     task's output type, for its own checks; ``train``: records must end with the assistant's answer). A missing
     file, a line that is not UTF-8 JSON or a malformed record is a :class:`DataError` naming the file, the line,
-    the record id and what is wrong."""
+    the record id and what is wrong; so is an id used twice in the split."""
     from unimoe.data.build import DataError
 
     task_dir = Path(task_dir)
@@ -236,9 +245,13 @@ def read_split(
         raise DataError(f"{path} does not exist")
     media = MediaRoot(task_dir)
     records = []
+    seen: dict[str, int] = {}  # id -> line: predictions and per-item results are keyed by id
     for lineno, record in _iter_lines(path):
         try:
             records.append(check_record(record, media, output=output, train=train))
+            if record["id"] in seen:
+                raise RecordError(f"the id is already used on line {seen[record['id']]}; ids must be unique in a split")
+            seen[record["id"]] = lineno
         except RecordError as err:
             rid = record.get("id") if isinstance(record, dict) else None
             label = f"record {rid!r}: " if isinstance(rid, str) and rid else ""
