@@ -197,32 +197,14 @@ def routing_metrics(stats, modalities: list[str], num_experts: int) -> dict[str,
 
 
 # ----------------------------------------------------------------------------- the loop
-def train_stage(
-    stage: StageConfig,
-    *,
-    init: str | Path,
-    out_dir: str | Path,
-    data_root: str | Path,
-    resume: bool = False,
-    progress: bool = True,
-    max_steps_this_run: int | None = None,
-) -> StageResult:
-    """Train one stage starting from the checkpoint ``init``; the result checkpoint is ``out_dir/final``.
-
-    ``max_steps_this_run`` stops early (after saving) — used by tests to simulate an interrupted run."""
+def _make_accelerator(stage: StageConfig, out_dir: Path):
+    """The stage's ``Accelerator``: the process group torchrun set up (gloo on CPU), gradient accumulation, bf16
+    autocast on CUDA when ``precision`` is ``auto`` or ``bf16``, TensorBoard under ``out_dir``."""
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
-    from accelerate.utils import set_seed
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    from unimoe.hub import save_checkpoint
-    from unimoe.inference import load_pretrained
-
-    out_dir = Path(out_dir)
-    ckpt_root = out_dir / "checkpoints"
     precision = stage.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
-    _reset_peak_memory()  # result.json's peak_memory_mb is this stage's, not the process's so far
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without it accelerate ignores torchrun's env on CPU (no gloo group)
         gradient_accumulation_steps=stage.grad_accum,
@@ -238,22 +220,97 @@ def train_stage(
     if stage.batch_size % accelerator.num_processes:
         n = accelerator.num_processes
         raise ConfigError(f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by {n} processes")
+    return accelerator
+
+
+def _forced_experts(model, stage: StageConfig) -> dict[str, list[int]] | None:
+    """Modality -> the experts every token of it goes to: all of them to ``forced_expert`` (a dense warm-up), or in
+    specialize each modality to its own (``moe.modality_experts``); ``None`` lets the routers choose."""
+    if stage.forced_expert is not None:
+        return {m: stage.expert_ids("forced_expert") for m in model.config.modalities}
+    if stage.kind == "specialize":
+        forced = model.config.moe_config.modality_experts  # after the stage's own moe overrides
+        if not forced:
+            raise ConfigError(f"stage {stage.name}: specialize needs moe.modality_experts (modality -> experts)")
+        return forced
+    return None
+
+
+class _Holds:
+    """Trainable parameters held frozen during a stage's first steps: everything but the routers while they warm
+    up (``router_warmup_steps``), and the parts named in ``frozen_steps``. ``update(step)`` sets ``requires_grad``
+    for ``step``; it only needs calling where a hold ends (``boundaries``) and once at the start."""
+
+    def __init__(self, model, stage: StageConfig, params: list[torch.nn.Parameter]):
+        self.trainable = set(params)
+        self.held: list[tuple[int, set]] = []
+        if stage.router_warmup_steps:
+            others = {p for name, p in model.named_parameters() if p in self.trainable and ".mlp.router." not in name}
+            self.held.append((stage.router_warmup_steps, others))
+        keyed = params_by_key(model, set(stage.frozen_steps), where=f"stage {stage.name}: frozen_steps")
+        self.held += [
+            (stage.frozen_steps[k], set(ps) & self.trainable) for k, ps in keyed.items() if stage.frozen_steps[k]
+        ]
+        self.boundaries = {n for n, _ in self.held}
+
+    def update(self, step: int) -> None:
+        frozen = set().union(*(ps for n, ps in self.held if step < n))
+        for p in self.trainable:
+            p.requires_grad_(p not in frozen)
+
+
+def _step_record(step: int, loss: float, outputs, lr: float, tokens_per_second: float, model_config) -> dict:
+    """One line of the training log: the loss and its named parts, the learning rate, throughput and routing."""
+    return {
+        "step": step,
+        "loss": loss,
+        "lm_loss": outputs.lm_loss.item(),
+        "aux_loss": outputs.aux_loss.item(),
+        "z_loss": outputs.z_loss.item(),
+        "modality_loss": outputs.modality_loss.item(),
+        **{
+            name: getattr(outputs, name).item()
+            for name in ("diffusion_loss", "forecast_loss", "media_text_loss")
+            if getattr(outputs, name, None) is not None
+        },
+        "lr": lr,
+        "tokens_per_second": tokens_per_second,
+        **routing_metrics(outputs.router_stats, list(model_config.modalities), model_config.moe_config.num_experts),
+    }
+
+
+def train_stage(
+    stage: StageConfig,
+    *,
+    init: str | Path,
+    out_dir: str | Path,
+    data_root: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+    max_steps_this_run: int | None = None,
+) -> StageResult:
+    """Train one stage starting from the checkpoint ``init``; the result checkpoint is ``out_dir/final``.
+
+    ``max_steps_this_run`` stops early (after saving) — used by tests to simulate an interrupted run."""
+    from accelerate.utils import set_seed
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    from unimoe.hub import save_checkpoint
+    from unimoe.inference import load_pretrained
+
+    out_dir = Path(out_dir)
+    ckpt_root = out_dir / "checkpoints"
+    _reset_peak_memory()  # result.json's peak_memory_mb is this stage's, not the process's so far
+    accelerator = _make_accelerator(stage, out_dir)
     set_seed(stage.seed)
     model, processor = load_pretrained(init)
-    modalities = list(model.config.modalities)
     num_experts = model.config.moe_config.num_experts
     for name in ("forced_expert", "init_experts_from"):
         bad = [e for e in stage.expert_ids(name) or () if e >= num_experts]
         if bad:
             raise ConfigError(f"stage {stage.name}: {name}: experts {bad} do not exist (moe.num_experts={num_experts})")
     model, counts = prepare_stage_model(model, stage)
-    forced = None
-    if stage.forced_expert is not None:  # every token to these experts: a dense warm-up of them
-        forced = {m: stage.expert_ids("forced_expert") for m in modalities}
-    elif stage.kind == "specialize":
-        forced = model.config.moe_config.modality_experts  # after the stage's own moe overrides
-        if not forced:
-            raise ConfigError(f"stage {stage.name}: specialize needs moe.modality_experts (modality -> experts)")
+    forced = _forced_experts(model, stage)
     model.train()
 
     data = TrainData(data_root, stage.data_mix, generation=set(model.config.generation or {}),
@@ -306,27 +363,9 @@ def train_stage(
         log_path.write_text("".join(line + "\n" for line in kept))
     unwrapped = accelerator.unwrap_model(model)
     core = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-
-    # Parameters held frozen during the first steps: everything but the routers while they warm up
-    # (router_warmup_steps), and the parts named in frozen_steps. Re-evaluated only when a boundary is crossed.
-    trainable_set = set(params)
-    held = []
-    if stage.router_warmup_steps:
-        held.append(
-            (stage.router_warmup_steps,
-             {p for name, p in unwrapped.named_parameters() if p in trainable_set and ".mlp.router." not in name})
-        )  # fmt: skip
-    keyed = params_by_key(unwrapped, set(stage.frozen_steps), where=f"stage {stage.name}: frozen_steps")
-    held += [(stage.frozen_steps[key], set(ps) & trainable_set) for key, ps in keyed.items() if stage.frozen_steps[key]]
-    boundaries = {n for n, _ in held}
-
-    def hold_until(current: int) -> None:
-        frozen = set().union(*(ps for n, ps in held if current < n))
-        for p in trainable_set:
-            p.requires_grad_(p not in frozen)
-
-    if held:
-        hold_until(start_step)
+    holds = _Holds(unwrapped, stage, params)
+    if holds.held:
+        holds.update(start_step)
 
     step = start_step
     last_loss = float("nan")
@@ -367,8 +406,8 @@ def train_stage(
             tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
         core.update_router_biases()
         step += 1
-        if step in boundaries:
-            hold_until(step)
+        if step in holds.boundaries:
+            holds.update(step)
         loss = accelerator.reduce(outputs.loss.detach(), reduction="mean").item()
         if not math.isfinite(loss):  # stop before a checkpoint of NaN weights is written
             kept = latest_checkpoint(ckpt_root)
@@ -382,22 +421,8 @@ def train_stage(
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
         if log_now:
-            record = {
-                "step": step,
-                "loss": loss,
-                "lm_loss": outputs.lm_loss.item(),
-                "aux_loss": outputs.aux_loss.item(),
-                "z_loss": outputs.z_loss.item(),
-                "modality_loss": outputs.modality_loss.item(),
-                **{
-                    name: getattr(outputs, name).item()
-                    for name in ("diffusion_loss", "forecast_loss", "media_text_loss")
-                    if getattr(outputs, name, None) is not None
-                },
-                "lr": scheduler.get_last_lr()[0] / first_factor,
-                "tokens_per_second": tokens / max(elapsed, 1e-9),
-                **routing_metrics(outputs.router_stats, modalities, num_experts),
-            }
+            record = _step_record(step, loss, outputs, scheduler.get_last_lr()[0] / first_factor,
+                                  tokens / max(elapsed, 1e-9), core.config)  # fmt: skip
             if forced is None and record.get("router/max_expert_share", 0) > stage.collapse_threshold:
                 warnings.warn(
                     f"stage {stage.name} step {step}: router collapse — one expert takes "
