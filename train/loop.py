@@ -1,9 +1,11 @@
 """One training loop for every stage, on 🤗 accelerate.
 
 Single process and multi-process DDP (gloo on CPU, NCCL on GPUs; ``unimoe train --nproc N`` launches it with torchrun).
-FSDP and DeepSpeed are not supported yet: the final save and the forecasting refit use the main process's copy of
-the model, which under FSDP / ZeRO-3 holds only its shard (accelerate's ``get_state_dict`` gathering is the missing
-piece; accelerate turns FSDP on only on accelerators, and no GPU was available to test it).
+FSDP and DeepSpeed are not supported yet. FSDP2 itself runs on CPU with gloo, but it reduce-scatters only the
+parameters that got a gradient: a process whose share of a multimodal batch has no image leaves the image encoder
+without one, and the processes' collectives stop pairing (gloo aborts). DDP copes (``find_unused_parameters``).
+FSDP would also need the final save and the forecasting refit, which use the main process's copy of the model, to
+gather the shards first (README, "Training").
 
 Gradient accumulation, fp32 on CPU and bf16 on GPU, cosine schedule with warm-up, gradient clipping, a deterministic
 modality-balanced sample schedule, atomic checkpoints every N steps with ``resume``, a progress bar with loss,
