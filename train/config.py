@@ -103,6 +103,9 @@ class StageConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float | None = 1.0  # 0 or null: no clipping
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16
+    # with several processes (`unimoe train --nproc N`): ddp (every process holds the whole model) or fsdp (FSDP2:
+    # parameters, gradients and optimizer states sharded across the processes, one shard group per decoder layer)
+    distributed: str = "ddp"
     seed: int = 0
     log_every: int = 10
     save_every: int | None = 0  # 0 or null: only at the end
@@ -141,6 +144,8 @@ class StageConfig:
         unknown = sorted(set(self.trainable) - set(PARTS))
         if unknown:
             raise ConfigError(f"stage {self.name}: trainable has unknown part(s) {unknown}; parts: {', '.join(PARTS)}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ConfigError(f"stage {self.name}: distributed {self.distributed!r}; choose ddp or fsdp")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"stage {self.name}: precision {self.precision!r}; choose auto, fp32 or bf16")
         for name in ("steps", "batch_size", "grad_accum"):

@@ -1,11 +1,9 @@
 """One training loop for every stage, on 🤗 accelerate.
 
-Single process and multi-process DDP (gloo on CPU, NCCL on GPUs; ``unimoe train --nproc N`` launches it with torchrun).
-FSDP and DeepSpeed are not supported yet. FSDP2 itself runs on CPU with gloo, but it reduce-scatters only the
-parameters that got a gradient: a process whose share of a multimodal batch has no image leaves the image encoder
-without one, and the processes' collectives stop pairing (gloo aborts). DDP copes (``find_unused_parameters``).
-FSDP would also need the final save and the forecasting refit, which use the main process's copy of the model, to
-gather the shards first (README, "Training").
+Single process, multi-process DDP and FSDP2 (``distributed=fsdp``; gloo on CPU, NCCL on GPUs; ``unimoe train --nproc
+N`` launches it with torchrun). Under FSDP a multimodal batch needs three things that a text LLM does not (see
+``_touch_unused``, ``_drop_unused_grads``, ``_prime_optimizer_state``), and the final save gathers the shards into a
+whole model on the main process. DeepSpeed is not supported.
 
 Gradient accumulation, fp32 on CPU and bf16 on GPU, cosine schedule with warm-up, gradient clipping, a deterministic
 modality-balanced sample schedule, atomic checkpoints every N steps with ``resume``, a progress bar with loss,
@@ -200,13 +198,15 @@ def routing_metrics(stats, modalities: list[str], num_experts: int) -> dict[str,
 
 # ----------------------------------------------------------------------------- the loop
 def _make_accelerator(stage: StageConfig, out_dir: Path):
-    """The stage's ``Accelerator``: the process group torchrun set up (gloo on CPU), gradient accumulation, bf16
-    autocast on CUDA when ``precision`` is ``auto`` or ``bf16``, TensorBoard under ``out_dir``."""
+    """The stage's ``Accelerator``: the process group torchrun set up (gloo on CPU), DDP or FSDP2
+    (``distributed``), gradient accumulation, bf16 autocast on CUDA when ``precision`` is ``auto`` or ``bf16``,
+    TensorBoard under ``out_dir``."""
     from accelerate import Accelerator, DataLoaderConfiguration, DistributedDataParallelKwargs
 
     precision = stage.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "fp32"
+    fsdp = _fsdp_plugin() if stage.distributed == "fsdp" else None
     accelerator = Accelerator(
         cpu=not torch.cuda.is_available(),  # without it accelerate ignores torchrun's env on CPU (no gloo group)
         gradient_accumulation_steps=stage.grad_accum,
@@ -215,14 +215,96 @@ def _make_accelerator(stage: StageConfig, out_dir: Path):
         project_dir=str(out_dir),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        fsdp_plugin=fsdp,
     )
-    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED"):  # see the module docstring
-        raise ConfigError(f"stage {stage.name}: {accelerator.distributed_type.name} is not supported yet; "
-                          "launch with `unimoe train --nproc N` (DDP)")  # fmt: skip
+    if fsdp is not None and accelerator.distributed_type.name == "MULTI_CPU":
+        _fsdp_on_cpu(accelerator, fsdp)
+    if accelerator.distributed_type.name == "DEEPSPEED":  # see the module docstring
+        raise ConfigError(f"stage {stage.name}: DeepSpeed is not supported; launch with `unimoe train --nproc N` "
+                          "(DDP, or FSDP with distributed=fsdp)")  # fmt: skip
+    if accelerator.distributed_type.name == "FSDP" and stage.distributed != "fsdp":
+        raise ConfigError(f"stage {stage.name}: launched under FSDP (an accelerate config?) but the stage says "
+                          f"distributed={stage.distributed}; set distributed=fsdp to train it sharded")  # fmt: skip
     if stage.batch_size % accelerator.num_processes:
         n = accelerator.num_processes
         raise ConfigError(f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by {n} processes")
     return accelerator
+
+
+def _fsdp_plugin():
+    """FSDP2 through accelerate: one shard group per decoder layer (``fully_shard`` on each, then on the root, which
+    keeps the embeddings, encoders, connectors and heads), parameters freed after each layer's forward, sharded
+    checkpoints (torch.distributed.checkpoint) for ``--resume``."""
+    from accelerate import FullyShardedDataParallelPlugin
+
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=["UniMoEDecoderLayer"],
+        reshard_after_forward=True,
+        state_dict_type="SHARDED_STATE_DICT",
+        cpu_ram_efficient_loading=False,
+    )
+
+
+def _fsdp_on_cpu(accelerator, plugin) -> None:
+    """Switch accelerate's FSDP path on for CPU processes. accelerate (1.15) turns FSDP on only for accelerator
+    devices and leaves gloo processes as MULTI_CPU (DDP), while torch's FSDP2 shards over gloo as well; forcing the
+    distributed type runs the very code path (prepare, sharded save/load, state-dict gathering) that GPU users get,
+    which is what lets the tests check it here. Both of accelerate's shared states hold the type."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
+
+
+def _touch_unused(model) -> torch.Tensor | float:
+    """Zero times every trainable parameter of the FSDP root that is gathered right now (the embeddings, encoders,
+    connectors and heads; the decoder layers' are sharded again after their forward and are used by every
+    process anyway). FSDP2 reduce-scatters only the parameters that got a gradient: a process whose share of the
+    batch has no image would leave the image encoder without one, the processes' collectives would stop pairing and
+    gloo aborts. With this term every process gives every such parameter a gradient (a zero one where it was not
+    used), which is what DDP's find_unused_parameters does."""
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.sum() for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)), 0.0) * 0.0
+
+
+def _drop_unused_grads(params: list[torch.nn.Parameter], accelerator) -> None:
+    """After an FSDP backward: the parameters no process used this step (a zero gradient everywhere, from
+    :func:`_touch_unused`) lose their gradient, so the optimizer skips them as it does in one process and under DDP
+    (AdamW would otherwise move them by their momentum and decay them). One all-reduce of a flag per parameter."""
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
+        return
+    local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in with_grad]  # this shard
+    used = accelerator.reduce(torch.stack([g.ne(0).any() for g in local]).float(), reduction="sum")
+    for p, flag in zip(with_grad, used.tolist()):
+        if flag == 0:
+            p.grad = None
+
+
+def _prime_optimizer_state(optimizer) -> None:
+    """Give every trainable parameter its optimizer state before training. FSDP's sharded checkpoints
+    (torch.distributed.checkpoint) refuse to load when a trainable parameter has no saved state, which is the case
+    for one that had no gradient yet (an encoder held frozen, a modality not seen before the checkpoint). One step
+    with zero gradients at learning rate 0 creates Adam's state as its first real step would (moments 0, weights
+    unchanged), and the step counts go back to 0, so training continues exactly as with lazily created state."""
+    opt = getattr(optimizer, "optimizer", optimizer)  # past accelerate's wrapper
+    params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+    rates = [group["lr"] for group in opt.param_groups]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for group in opt.param_groups:
+        group["lr"] = 0.0
+    opt.step()
+    for group, lr in zip(opt.param_groups, rates):
+        group["lr"] = lr
+    for p in params:
+        p.grad = None
+        opt.state[p]["step"].zero_()
 
 
 def _forced_experts(model, stage: StageConfig) -> dict[str, list[int]] | None:
@@ -314,6 +396,12 @@ def train_stage(
     model, counts = prepare_stage_model(model, stage)
     forced = _forced_experts(model, stage)
     model.train()
+    fsdp = accelerator.distributed_type.name == "FSDP"
+    if fsdp:
+        # Every process runs the backward through every decoder layer (their sharded parameters are gathered again
+        # for it, a collective), also when its share of the batch reaches no trainable part below them.
+        # (transformers' enable_input_require_grads does the same, with a deprecation warning in 5.23)
+        model.get_input_embeddings().register_forward_hook(lambda _module, _inputs, out: out.requires_grad_(True))
 
     data = TrainData(data_root, stage.data_mix, generation=set(model.config.generation or {}),
                      inputs=set(model.config.encoders or {}))  # fmt: skip
@@ -334,12 +422,21 @@ def train_stage(
         optimizer, stage.warmup_steps, stage.steps, min_lr_rate=stage.min_lr_ratio
     )
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # FSDP: the sharded parameters
+    if fsdp:
+        _prime_optimizer_state(optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    core = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
     seconds_before, tokens_before = 0.0, 0
     if ckpt is not None:
-        accelerator.load_state(str(ckpt))
         state = json.loads((ckpt / STATE_FILE).read_text())
         start_step = state["step"]
         seconds_before, tokens_before = float(state.get("seconds", 0.0)), int(state.get("tokens", 0))
+    holds = _Holds(unwrapped, stage, params)
+    if holds.held:  # before loading: FSDP loads optimizer states only for the parameters that train at this step
+        holds.update(start_step)
+    if ckpt is not None:
+        accelerator.load_state(str(ckpt))
         accelerator.print(f"resuming {stage.name} from {ckpt} (step {start_step})")
 
     dataset = ScheduleDataset(data, schedule, start=start_step * stage.grad_accum * stage.batch_size)
@@ -363,11 +460,6 @@ def train_stage(
         # the killed run logged past its last checkpoint; those steps are trained again, so their lines go
         kept = [line for line in log_path.read_text().splitlines() if _log_step(line) <= start_step]
         log_path.write_text("".join(line + "\n" for line in kept))
-    unwrapped = accelerator.unwrap_model(model)
-    core = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
-    holds = _Holds(unwrapped, stage, params)
-    if holds.held:
-        holds.update(start_step)
 
     step = start_step
     last_loss = float("nan")
@@ -377,6 +469,10 @@ def train_stage(
     bar = tqdm(total=stage.steps, initial=start_step, desc=stage.name, unit="step",
                disable=not (progress and accelerator.is_main_process))  # fmt: skip
     data_iter = iter(loader)
+
+    def reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+        return accelerator.reduce(tensor.clone(), reduction="sum")
+
     objectives = {}
     if stage.media_text_loss_coef > 0:
         objectives = {
@@ -394,19 +490,23 @@ def train_stage(
             with accelerator.accumulate(model):
                 outputs = model(**batch, output_router_stats=log_now, **objectives)
                 loss = outputs.loss
-                if not loss.requires_grad:
+                if fsdp:
+                    loss = loss + _touch_unused(model)
+                elif not loss.requires_grad:
                     # no sample of this batch reaches a trainable part (e.g. text-only samples while only the
                     # connectors train): a zero that touches every trainable parameter keeps the step, and DDP's
                     # gradient all-reduce, well defined
                     loss = loss + sum(p.sum() for p in params) * 0.0
                 accelerator.backward(loss)
+                if fsdp and accelerator.sync_gradients:
+                    _drop_unused_grads(params, accelerator)
                 if accelerator.sync_gradients and stage.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, stage.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
             tokens += int(batch["attention_mask"].sum()) * accelerator.num_processes
-        core.update_router_biases()
+        core.update_router_biases(reduce_sum if accelerator.num_processes > 1 else None)
         step += 1
         if step in holds.boundaries:
             holds.update(step)
@@ -462,8 +562,14 @@ def train_stage(
         )
     else:
         accelerator.wait_for_everyone()
+        trained = unwrapped
+        if fsdp:  # every process sends its shards (a collective); the main process puts them in a whole model
+            full_state = accelerator.get_state_dict(model)
+            if accelerator.is_main_process:
+                trained, _ = prepare_stage_model(load_pretrained(init)[0], stage)
+                trained.load_state_dict(full_state)
         if accelerator.is_main_process:
-            to_save = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
+            to_save = trained.merge_and_unload() if hasattr(trained, "merge_and_unload") else trained
             if stage.refit_spec is not None:  # only the saved weights change, so only the main process refits
                 refit = refit_forecast(to_save, processor, stage, data_root)
                 accelerator.print(

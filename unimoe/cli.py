@@ -206,21 +206,52 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Run ``unimoe ARGV`` in ``nproc`` processes with torchrun's launcher, in this process: a failed process
+    prints its own one-line error, and torchrun's agent logs and ``ChildFailedError`` traceback are replaced by one
+    line with the exit status (the first failed process's: 2 for a bad input, as in one process)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    launch = get_args_parser().parse_args(["--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+                                           "--master_port", str(_free_port()), "-m", "unimoe.cli", *argv])  # fmt: skip
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(launch)
+    except ChildFailedError as err:
+        failures = sorted(err.failures.items())
+        code = next((f.exitcode for _, f in failures if f.exitcode > 0), 1)
+        ranks = ", ".join(str(rank) for rank, _ in failures)
+        print(f"unimoe {argv[0]}: process(es) {ranks} of {nproc} failed (exit status {code}); see above",
+              file=sys.stderr)  # fmt: skip
+        return code
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from unimoe.presets import parse_cli_overrides
     from unimoe.train import load_stage, train_stage
 
     stage = load_stage(args.config, parse_cli_overrides(args.overrides))  # validate before launching
     if args.nproc > 1:
-        import subprocess
+        # what every process would refuse, refused once here, before any process starts
+        if stage.batch_size % args.nproc:
+            raise ConfigError(f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by {args.nproc} "
+                              "processes")  # fmt: skip
+        from unimoe.data.build import check_data_root, task_dir
+        from unimoe.hub import check_local_checkpoint
 
+        check_local_checkpoint(args.init)
+        check_data_root(args.data)
+        for name in stage.data_mix.tasks:
+            task_dir(args.data, name)
         argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
         if "--nproc" in sys.argv[1:]:
             i = sys.argv[1:].index("--nproc")
             argv = sys.argv[1 : i + 1] + sys.argv[i + 3 :]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "unimoe.cli", *argv]  # fmt: skip
-        return subprocess.call(cmd)
+        return _torchrun(args.nproc, argv)
     _quiet_transformers()
     result = train_stage(stage, init=args.init, out_dir=args.out, data_root=args.data, resume=args.resume)
     if os.environ.get("RANK", "0") != "0":  # under torchrun every process returns here; one summary line is enough

@@ -240,12 +240,8 @@ def _local_by_folder(text: str) -> bool:
     return "/" in text and Path(text.split("/", 1)[0]).is_dir()
 
 
-def load_model(path: str | Path, **kwargs: Any):
-    """Load a UniMoE (or supported dense) causal LM from a local directory or a Hub id, safetensors only."""
-    from transformers import AutoModelForCausalLM
-
-    import unimoe  # noqa: F401  (registers the model type)
-
+def check_local_checkpoint(path: str | Path) -> None:
+    """A ``path`` that names a local directory (:func:`looks_local`) must be a checkpoint; a Hub id passes."""
     if looks_local(path):
         text = str(path)
         if not _plainly_local(text):
@@ -254,6 +250,15 @@ def load_model(path: str | Path, **kwargs: Any):
                 "it read as a local path; run from another directory)"
             )
         check_checkpoint_dir(path)
+
+
+def load_model(path: str | Path, **kwargs: Any):
+    """Load a UniMoE (or supported dense) causal LM from a local directory or a Hub id, safetensors only."""
+    from transformers import AutoModelForCausalLM
+
+    import unimoe  # noqa: F401  (registers the model type)
+
+    check_local_checkpoint(path)
     kwargs.setdefault("use_safetensors", True)
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)

@@ -11,6 +11,7 @@ states, ``modality_ids`` feed the routing statistics and the optional modality-r
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,10 +399,11 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
     def moe_blocks(self) -> list[SparseMoEBlock]:
         return [m for m in self.modules() if isinstance(m, SparseMoEBlock)]
 
-    def update_router_biases(self) -> None:
-        """Apply the auxiliary-loss-free balancing update in every MoE layer (call after each optimizer step)."""
+    def update_router_biases(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Apply the auxiliary-loss-free balancing update in every MoE layer (call after each optimizer step; in
+        multi-process training ``reduce`` sums each layer's load over the processes, and every process calls it)."""
         for block in self.moe_blocks():
-            block.update_router_bias()
+            block.update_router_bias(reduce)
 
     def forward(
         self,

@@ -123,3 +123,29 @@ def test_layer_bias_update_moves_toward_underloaded_experts():
     assert bias[0] == pytest.approx(-0.05)
     assert all(b == pytest.approx(0.05) for b in bias[1:].tolist())
     assert block._load_since_update.sum() == 0
+
+
+def test_bias_update_uses_the_load_summed_over_processes():
+    """In multi-process training every process passes ``reduce`` (an all-reduce sum): the update follows the global
+    batch's load, so all processes apply the same one. Here the "other process" routed its tokens elsewhere."""
+    cfg = MoEConfig(num_experts=4, top_k=1, router_bias_update_rate=0.05)
+    block = SparseMoEBlock(cfg, hidden_size=8, intermediate_size=16, modalities=["text"])
+    with torch.no_grad():
+        block._load_since_update.copy_(torch.tensor([3.0, 1.0, 0.0, 0.0]))  # this process: expert 0 overloaded
+    other = torch.tensor([0.0, 1.0, 6.0, 0.0])  # the other process: expert 2 overloaded
+    seen = []
+
+    def reduce(load):
+        seen.append(load.clone())
+        return load + other
+
+    block.update_router_bias(reduce)
+    assert seen[0].tolist() == [3.0, 1.0, 0.0, 0.0]
+    # global load [3, 2, 6, 0], mean 2.75: experts 0 and 2 above it, 1 and 3 below
+    assert block.router_bias.tolist() == pytest.approx([-0.05, 0.05, -0.05, 0.05])
+    assert block._load_since_update.sum() == 0
+    local = SparseMoEBlock(cfg, hidden_size=8, intermediate_size=16, modalities=["text"])
+    with torch.no_grad():
+        local._load_since_update.copy_(torch.tensor([3.0, 1.0, 0.0, 0.0]))
+    local.update_router_bias()  # one process's own load gives another update
+    assert local.router_bias.tolist() == pytest.approx([-0.05, 0.0, 0.05, 0.05])  # mean 1: expert 1 at it

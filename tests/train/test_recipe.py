@@ -84,6 +84,7 @@ def test_recipe_data_section_is_validated(tmp_path):
         ({"forced_expert": -1}, "forced_expert must be an expert id >= 0"),
         ({"forced_expert": [0, 0]}, r"forced_expert must be an expert id >= 0 or a list of distinct ones, got \[0"),
         ({"init_experts_from": []}, "init_experts_from must be an expert id >= 0 or a list"),
+        ({"distributed": "deepspeed"}, "distributed 'deepspeed'; choose ddp or fsdp"),
     ],
 )
 def test_impossible_stage_numbers_fail_at_load(overrides, message):

@@ -190,13 +190,18 @@ def write_datasets_card(out: Path) -> Path:
     return path
 
 
-def task_dir(data_root: str | Path, name: str) -> Path:
-    """The directory of a built task, or a :class:`DataError` that says how to build it."""
-    path = Path(data_root) / name
+def check_data_root(data_root: str | Path) -> None:
+    """A :class:`DataError` that says how to build the suite when ``data_root`` is not a directory."""
     if not Path(data_root).is_dir():
         raise DataError(
             f"data directory {data_root} does not exist; build it with `unimoe data build --out {data_root}`"
         )
+
+
+def task_dir(data_root: str | Path, name: str) -> Path:
+    """The directory of a built task, or a :class:`DataError` that says how to build it."""
+    path = Path(data_root) / name
+    check_data_root(data_root)
     if read_marker(path) is None:
         if name not in list_tasks():  # not a task `unimoe data build` knows: building it would fail too
             raise DataError(f"unknown task {name!r} (not built in {data_root}); tasks: {', '.join(list_tasks())}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -217,12 +218,16 @@ class SparseMoEBlock(nn.Module):
                          stats=stats if output_stats else None)  # fmt: skip
 
     @torch.no_grad()
-    def update_router_bias(self) -> None:
+    def update_router_bias(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Apply the auxiliary-loss-free bias update with the load seen since the last call (call after each
-        optimizer step; a no-op when ``router_bias_update_rate`` is 0)."""
+        optimizer step; a no-op when ``router_bias_update_rate`` is 0). ``reduce`` sums the load over the training
+        processes, so that every process applies the same update for the global batch (DeepSeek-V3 balances the
+        global batch's load, not one process's share of it)."""
         rate = self.config.router_bias_update_rate
-        if rate > 0 and self._load_since_update.sum() > 0:
-            self.router_bias.copy_(balancing_bias_update(self.router_bias, self._load_since_update, rate))
+        if rate > 0:
+            load = self._load_since_update if reduce is None else reduce(self._load_since_update)
+            if load.sum() > 0:
+                self.router_bias.copy_(balancing_bias_update(self.router_bias, load, rate))
         self._load_since_update.zero_()
 
 
