@@ -214,7 +214,10 @@ def _make_accelerator(stage: StageConfig, out_dir: Path):
         log_with="tensorboard",
         project_dir=str(out_dir),
         dataloader_config=DataLoaderConfiguration(split_batches=True),
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        # no buffer broadcast: the only changing buffers are the routers' balancing state, which every process
+        # updates alike from the load summed over the processes; DDP's broadcast at each forward would overwrite the
+        # load the other processes counted in earlier micro-batches of an accumulated step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
         fsdp_plugin=fsdp,
     )
     if fsdp is not None and accelerator.distributed_type.name == "MULTI_CPU":

@@ -21,9 +21,9 @@ MIX = ["data.tasks=[text_qa, digits_cls]", "data.balance=task", "data.weights={t
 ALIGN = ["steps=3", "batch_size=8", "grad_accum=2", "log_every=1", "warmup_steps=1", "forced_expert=0", *MIX,
          "trainable={attention: true, experts: true, connectors: true}"]  # fmt: skip
 # tune: peft LoRA on attention, routers warmed up alone for 3 of 4 steps (a checkpoint inside the hold), the
-# auxiliary-loss-free bias update on (its load summed over the processes)
-TUNE = ["steps=4", "batch_size=8", "log_every=1", "warmup_steps=1", "router_warmup_steps=3", "save_every=2",
-        "moe.router_bias_update_rate=0.01", *MIX]  # fmt: skip
+# auxiliary-loss-free bias update on (its load summed over the processes, over two accumulated micro-batches)
+TUNE = ["steps=4", "batch_size=8", "grad_accum=2", "log_every=1", "warmup_steps=1", "router_warmup_steps=3",
+        "save_every=2", "moe.router_bias_update_rate=0.01", *MIX]  # fmt: skip
 
 
 def train(stage, init, data, out, nproc, *extra, resume=False):
