@@ -1,0 +1,59 @@
+"""bench/seeds.py: the multi-seed comparison of the MoE and dense recipes, checked on hand-made run files."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def run(moe: dict, dense: dict, baselines: dict) -> dict:
+    wrap = lambda scores: {"results": {t: {m: v} for t, (m, v) in scores.items()}}  # noqa: E731
+    return {"tiny": wrap(moe), "dense": wrap(dense), "baselines": wrap(baselines)}
+
+
+RUNS = [
+    run({"digits_cls": ("accuracy", 0.96), "ts_forecast": ("mase", 0.70)},
+        {"digits_cls": ("accuracy", 0.97), "ts_forecast": ("mase", 0.90)},
+        {"digits_cls": ("accuracy", 0.95), "ts_forecast": ("ridge/mase", 0.65)}),
+    run({"digits_cls": ("accuracy", 0.94), "ts_forecast": ("mase", 0.60)},
+        {"digits_cls": ("accuracy", 0.94), "ts_forecast": ("mase", 1.20)},
+        {"digits_cls": ("accuracy", 0.96), "ts_forecast": ("ridge/mase", 0.65)}),
+]  # fmt: skip
+
+
+def test_compare_counts_wins_means_and_verdicts_per_seed():
+    from seeds import compare
+
+    report = compare(RUNS)
+    digits, forecast = report["tasks"]["digits_cls"], report["tasks"]["ts_forecast"]
+    assert digits["moe_mean"] == pytest.approx(0.95) and digits["dense_mean"] == pytest.approx(0.955)
+    assert (digits["moe_wins"], digits["ties"]) == (0, 1)
+    assert forecast["moe_wins"] == 2 and not forecast["higher_is_better"]  # lower MASE wins
+    assert [s["baseline"] for s in digits["seeds"]] == [0.95, 0.96]
+    # suite average: accuracy as is, MASE as 1 - min(MASE, 1): seed 1 MoE (0.96 + 0.30) / 2, dense (0.97 + 0.10) / 2
+    assert report["suite"][0]["moe"] == pytest.approx(0.63) and report["suite"][0]["dense"] == pytest.approx(0.535)
+    assert report["suite"][1]["dense"] == pytest.approx(0.47)  # MASE 1.2 counts as 0
+    assert report["suite_moe_wins"] == 2
+    assert report["per_seed"][0] == {"targets_missed": [], "baselines_not_beaten": ["ts_forecast"]}
+    assert report["per_seed"][1] == {"targets_missed": ["digits_cls"], "baselines_not_beaten": ["digits_cls"]}
+
+
+def test_cli_prints_the_table_and_writes_json(tmp_path):
+    paths = []
+    for i, data in enumerate(RUNS):
+        paths.append(tmp_path / f"seed{i}.json")
+        paths[-1].write_text(json.dumps(data))
+    out = tmp_path / "seeds.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), *map(str, paths), "--labels", "0,1",
+                           "--json", str(out)], capture_output=True, text=True, check=True)  # fmt: skip
+    assert "ts_forecast" in proc.stdout and "2/2" in proc.stdout
+    assert "seed 1: targets missed ['digits_cls']" in proc.stdout
+    assert json.loads(out.read_text())["labels"] == ["0", "1"]
+    bad = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), str(paths[0]), "--labels", "0,1"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "--labels: 2 names for 1 runs" in bad.stderr
