@@ -310,16 +310,30 @@ def _prime_optimizer_state(optimizer) -> None:
         opt.state[p]["step"].zero_()
 
 
+def check_stage_fits_model(stage: StageConfig, config) -> None:
+    """What a stage asks of the model config it starts from: expert ids that exist, and in specialize an expert for
+    each modality (``moe.modality_experts``, after the stage's own ``moe`` overrides). Each training process checks
+    it; ``unimoe train --nproc N`` checks it once before launching them."""
+    from unimoe.moe import MoEConfig
+
+    num_experts = config.moe_config.num_experts
+    for name in ("forced_expert", "init_experts_from"):
+        bad = [e for e in stage.expert_ids(name) or () if e >= num_experts]
+        if bad:
+            raise ConfigError(f"stage {stage.name}: {name}: experts {bad} do not exist (moe.num_experts={num_experts})")
+    routed_per_modality = MoEConfig.from_dict({**config.moe, **stage.moe}).modality_experts
+    if stage.kind == "specialize" and stage.forced_expert is None and not routed_per_modality:
+        raise ConfigError(f"stage {stage.name}: specialize needs moe.modality_experts (modality -> experts)")
+
+
 def _forced_experts(model, stage: StageConfig) -> dict[str, list[int]] | None:
     """Modality -> the experts every token of it goes to: all of them to ``forced_expert`` (a dense warm-up), or in
-    specialize each modality to its own (``moe.modality_experts``); ``None`` lets the routers choose."""
+    specialize each modality to its own (``moe.modality_experts``, checked by :func:`check_stage_fits_model`);
+    ``None`` lets the routers choose."""
     if stage.forced_expert is not None:
         return {m: stage.expert_ids("forced_expert") for m in model.config.modalities}
     if stage.kind == "specialize":
-        forced = model.config.moe_config.modality_experts  # after the stage's own moe overrides
-        if not forced:
-            raise ConfigError(f"stage {stage.name}: specialize needs moe.modality_experts (modality -> experts)")
-        return forced
+        return model.config.moe_config.modality_experts  # after the stage's own moe overrides
     return None
 
 
@@ -391,11 +405,7 @@ def train_stage(
     accelerator = _make_accelerator(stage, out_dir)
     set_seed(stage.seed)
     model, processor = load_pretrained(init)
-    num_experts = model.config.moe_config.num_experts
-    for name in ("forced_expert", "init_experts_from"):
-        bad = [e for e in stage.expert_ids(name) or () if e >= num_experts]
-        if bad:
-            raise ConfigError(f"stage {stage.name}: {name}: experts {bad} do not exist (moe.num_experts={num_experts})")
+    check_stage_fits_model(stage, model.config)
     model, counts = prepare_stage_model(model, stage)
     forced = _forced_experts(model, stage)
     model.train()

@@ -241,9 +241,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ConfigError(f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by {args.nproc} "
                               "processes")  # fmt: skip
         from unimoe.data.build import check_data_root, task_dir
-        from unimoe.hub import check_local_checkpoint
+        from unimoe.hub import check_local_checkpoint, looks_local
+        from unimoe.train.loop import check_stage_fits_model
 
         check_local_checkpoint(args.init)
+        if looks_local(args.init):  # its config.json alone, no weights (a Hub id is left to the processes)
+            from transformers import AutoConfig
+
+            check_stage_fits_model(stage, AutoConfig.from_pretrained(args.init))
         check_data_root(args.data)
         for name in stage.data_mix.tasks:
             task_dir(args.data, name)

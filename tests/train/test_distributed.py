@@ -104,6 +104,7 @@ def test_bad_input_under_torchrun_is_one_line_per_problem(init_ckpt, train_data,
         ((f"--init={tmp_path / 'none'}", f"--data={train_data}"), "does not exist"),
         ((f"--init={init_ckpt}", f"--data={tmp_path / 'nodata'}"), "data directory"),
         ((f"--init={init_ckpt}", f"--data={train_data}", "data.tasks=[vqa_easy]"), "'vqa_easy' in"),
+        ((f"--init={init_ckpt}", f"--data={train_data}", "forced_expert=9"), "experts [9] do not exist"),
     ]:
         proc = run(*args)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
