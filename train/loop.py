@@ -2,7 +2,7 @@
 
 Single process, multi-process DDP and FSDP2 (``distributed=fsdp``; gloo on CPU, NCCL on GPUs; ``unimoe train --nproc
 N`` launches it with torchrun). Under FSDP a multimodal batch needs three things that a text LLM does not (see
-``_touch_unused``, ``_drop_unused_grads``, ``_prime_optimizer_state``), and the final save gathers the shards into a
+``_UnusedUnderFSDP``, ``_prime_optimizer_state``), and the final save gathers the shards into a
 whole model on the main process. DeepSpeed is not supported.
 
 Gradient accumulation, fp32 on CPU and bf16 on GPU, cosine schedule with warm-up, gradient clipping, a deterministic
@@ -235,9 +235,9 @@ def _make_accelerator(stage: StageConfig, out_dir: Path):
 
 
 def _fsdp_plugin():
-    """FSDP2 through accelerate: one shard group per decoder layer (``fully_shard`` on each, then on the root, which
-    keeps the embeddings, encoders, connectors and heads), parameters freed after each layer's forward, sharded
-    checkpoints (torch.distributed.checkpoint) for ``--resume``."""
+    """FSDP2 through accelerate: ``fully_shard`` on each decoder layer and (accelerate's policy) the input
+    embeddings, then on the root, which keeps the encoders, connectors, heads, final norm and LM head; parameters
+    freed after each layer's forward; sharded checkpoints (torch.distributed.checkpoint) for ``--resume``."""
     from accelerate import FullyShardedDataParallelPlugin
 
     return FullyShardedDataParallelPlugin(
@@ -255,38 +255,63 @@ def _fsdp_on_cpu(accelerator, plugin) -> None:
     devices and leaves gloo processes as MULTI_CPU (DDP), while torch's FSDP2 shards over gloo as well; forcing the
     distributed type runs the very code path (prepare, sharded save/load, state-dict gathering) that GPU users get,
     which is what lets the tests check it here. Both of accelerate's shared states hold the type."""
-    from accelerate.state import PartialState
+    from accelerate.state import AcceleratorState, PartialState
     from accelerate.utils import DistributedType
 
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = plugin
+    if accelerator.mixed_precision != "no":  # what accelerate does when it turns FSDP on itself
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    # a fresh AcceleratorState copies PartialState's: both must say FSDP, or prepare() and save_state() disagree
+    types = {accelerator.distributed_type, AcceleratorState().distributed_type}
+    if types != {DistributedType.FSDP}:
+        raise ConfigError("distributed=fsdp on CPU relies on accelerate 1.15's internal state (constraints.txt); with "
+                          "this accelerate it cannot be switched on: use distributed=ddp")  # fmt: skip
 
 
-def _touch_unused(model) -> torch.Tensor | float:
-    """Zero times every trainable parameter of the FSDP root that is gathered right now (the embeddings, encoders,
-    connectors and heads; the decoder layers' are sharded again after their forward and are used by every
-    process anyway). FSDP2 reduce-scatters only the parameters that got a gradient: a process whose share of the
-    batch has no image would leave the image encoder without one, the processes' collectives would stop pairing and
-    gloo aborts. With this term every process gives every such parameter a gradient (a zero one where it was not
-    used), which is what DDP's find_unused_parameters does."""
-    from torch.distributed.tensor import DTensor
+class _UnusedUnderFSDP:
+    """What FSDP2 needs for parameters some process does not use, and what it gets wrong for those no process uses.
 
-    return sum((p.sum() for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)), 0.0) * 0.0
+    FSDP2 reduce-scatters only the parameters that got a gradient: a process whose share of the batch has no image
+    would leave the image encoder without one, the processes' collectives would stop pairing and gloo aborts.
+    :meth:`touch` is zero times every trainable parameter gathered right now (the root group: encoders,
+    connectors, heads, final norm; each decoder layer's parameters are sharded again after its forward and are used
+    by every process anyway), added to the loss, so every process gives each of them a gradient, a zero one where
+    it was not used — what DDP's ``find_unused_parameters`` does.
 
+    A parameter that no process used then has a zero gradient instead of none, and AdamW would move it by its
+    momentum and weight decay. :meth:`drop_unused` removes those gradients before the optimizer step, as one process
+    and DDP leave them. "Used" means its module ran during the step (forward hooks), summed over the processes (one
+    all-reduce); not "its gradient is non-zero", which would also drop a LoRA A factor while its B is still zero,
+    or layers before a zero-initialized output layer."""
 
-def _drop_unused_grads(params: list[torch.nn.Parameter], accelerator) -> None:
-    """After an FSDP backward: the parameters no process used this step (a zero gradient everywhere, from
-    :func:`_touch_unused`) lose their gradient, so the optimizer skips them as it does in one process and under DDP
-    (AdamW would otherwise move them by their momentum and decay them). One all-reduce of a flag per parameter."""
-    with_grad = [p for p in params if p.grad is not None]
-    if not with_grad:
-        return
-    local = [p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad for p in with_grad]  # this shard
-    used = accelerator.reduce(torch.stack([g.ne(0).any() for g in local]).float(), reduction="sum")
-    for p, flag in zip(with_grad, used.tolist()):
-        if flag == 0:
-            p.grad = None
+    def __init__(self, model):
+        self.model = model
+        self.ran: set[str] = set()  # modules that ran since the last optimizer step, on this process
+        self.touched: set[str] = set()  # parameters touched since then (the same on every process)
+        for name, module in model.named_modules():
+            if next(module.parameters(recurse=False), None) is not None:
+                module.register_forward_hook(lambda _m, _i, _o, name=name: self.ran.add(name))
+
+    def touch(self) -> torch.Tensor | float:
+        from torch.distributed.tensor import DTensor
+
+        gathered = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad and not isinstance(p, DTensor)]
+        self.touched.update(n for n, _ in gathered)
+        return sum((p.sum() for _, p in gathered), 0.0) * 0.0
+
+    def drop_unused(self, accelerator) -> None:
+        names = sorted(self.touched)
+        if names:
+            ran = [name.rpartition(".")[0] in self.ran for name in names]
+            used = accelerator.reduce(torch.tensor(ran, dtype=torch.float32), reduction="sum")
+            params = dict(self.model.named_parameters())
+            for name, count in zip(names, used.tolist()):
+                if count == 0:
+                    params[name].grad = None
+        self.ran.clear()
+        self.touched.clear()
 
 
 def _prime_optimizer_state(optimizer) -> None:
@@ -445,6 +470,7 @@ def train_stage(
         state = json.loads((ckpt / STATE_FILE).read_text())
         start_step = state["step"]
         seconds_before, tokens_before = float(state.get("seconds", 0.0)), int(state.get("tokens", 0))
+    unused = _UnusedUnderFSDP(model) if fsdp else None
     holds = _Holds(unwrapped, stage, params)
     if holds.held:  # before loading: FSDP loads optimizer states only for the parameters that train at this step
         holds.update(start_step)
@@ -504,7 +530,7 @@ def train_stage(
                 outputs = model(**batch, output_router_stats=log_now, **objectives)
                 loss = outputs.loss
                 if fsdp:
-                    loss = loss + _touch_unused(model)
+                    loss = loss + unused.touch()
                 elif not loss.requires_grad:
                     # no sample of this batch reaches a trainable part (e.g. text-only samples while only the
                     # connectors train): a zero that touches every trainable parameter keeps the step, and DDP's
@@ -512,7 +538,7 @@ def train_stage(
                     loss = loss + sum(p.sum() for p in params) * 0.0
                 accelerator.backward(loss)
                 if fsdp and accelerator.sync_gradients:
-                    _drop_unused_grads(params, accelerator)
+                    unused.drop_unused(accelerator)
                 if accelerator.sync_gradients and stage.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, stage.max_grad_norm)
                 optimizer.step()

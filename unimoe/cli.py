@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from unimoe.errors import ConfigError, UniMoEError
+from unimoe.errors import CheckpointError, ConfigError, UniMoEError
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -209,9 +209,13 @@ def _free_port() -> int:
 def _torchrun(nproc: int, argv: list[str]) -> int:
     """Run ``unimoe ARGV`` in ``nproc`` processes with torchrun's launcher, in this process: a failed process
     prints its own one-line error, and torchrun's agent logs and ``ChildFailedError`` traceback are replaced by one
-    line with the exit status (the first failed process's: 2 for a bad input, as in one process)."""
+    line with the first failure's exit status (2 for a bad input, as in one process) or the signal that killed it
+    (a process killed by the kernel, e.g. for memory, prints nothing itself). Ctrl-C stops every process and exits
+    130, as in one process."""
     import logging
+    import signal
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -221,12 +225,17 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     try:
         run(launch)
     except ChildFailedError as err:
-        failures = sorted(err.failures.items())
-        code = next((f.exitcode for _, f in failures if f.exitcode > 0), 1)
-        ranks = ", ".join(str(rank) for rank, _ in failures)
-        print(f"unimoe {argv[0]}: process(es) {ranks} of {nproc} failed (exit status {code}); see above",
-              file=sys.stderr)  # fmt: skip
+        rank, first = err.get_first_failure()
+        ranks = ", ".join(str(r) for r in sorted(err.failures))
+        if first.exitcode > 0:
+            code, how = first.exitcode, f"exit status {first.exitcode}; see above"
+        else:  # killed by a signal: the process had no chance to say why
+            code, how = 1, f"process {rank} killed by {first.signal_name()}, e.g. out of memory"
+        print(f"unimoe {argv[0]}: process(es) {ranks} of {nproc} failed ({how})", file=sys.stderr)
         return code
+    except SignalException as err:  # torchrun's handlers turn Ctrl-C / SIGTERM into this, after stopping the workers
+        print(f"unimoe {argv[0]}: interrupted", file=sys.stderr)
+        return 130 if err.sigval == signal.SIGINT else 128 + int(err.sigval)
     return 0
 
 
@@ -248,7 +257,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         if looks_local(args.init):  # its config.json alone, no weights (a Hub id is left to the processes)
             from transformers import AutoConfig
 
-            check_stage_fits_model(stage, AutoConfig.from_pretrained(args.init))
+            try:
+                config = AutoConfig.from_pretrained(args.init)
+            except (OSError, ValueError) as err:  # a malformed config.json: one line, as when a process loads it
+                raise CheckpointError(f"{args.init}: unreadable config.json ({str(err).splitlines()[0]})") from err
+            check_stage_fits_model(stage, config)
         check_data_root(args.data)
         for name in stage.data_mix.tasks:
             task_dir(args.data, name)
