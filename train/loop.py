@@ -435,10 +435,13 @@ def train_stage(
     forced = _forced_experts(model, stage)
     model.train()
     fsdp = accelerator.distributed_type.name == "FSDP"
-    if fsdp:
-        # Every process runs the backward through every decoder layer (their sharded parameters are gathered again
-        # for it, a collective), also when its share of the batch reaches no trainable part below them.
-        # (transformers' enable_input_require_grads does the same, with a deprecation warning in 5.23)
+    if accelerator.num_processes > 1:
+        # Every process runs a backward through every decoder layer, also when its share of the batch reaches no
+        # trainable part (text-only samples while only the connectors train): under FSDP the layers' sharded
+        # parameters are gathered again for it, a collective every process must join; under DDP a loss without a
+        # graph cannot go backward, and a zero added outside the forward (as in one process, below) fails DDP's
+        # unused-parameter bookkeeping ("marked as ready twice"). transformers' enable_input_require_grads does
+        # the same, with a deprecation warning in 5.23.
         model.get_input_embeddings().register_forward_hook(lambda _module, _inputs, out: out.requires_grad_(True))
 
     data = TrainData(data_root, stage.data_mix, generation=set(model.config.generation or {}),
@@ -532,9 +535,9 @@ def train_stage(
                 if fsdp:
                     loss = loss + unused.touch()
                 elif not loss.requires_grad:
-                    # no sample of this batch reaches a trainable part (e.g. text-only samples while only the
-                    # connectors train): a zero that touches every trainable parameter keeps the step, and DDP's
-                    # gradient all-reduce, well defined
+                    # one process, and no sample of this batch reaches a trainable part (e.g. text-only samples
+                    # while only the connectors train): a zero that touches every trainable parameter keeps the
+                    # step well defined (several processes: the input embeddings' hook above)
                     loss = loss + sum(p.sum() for p in params) * 0.0
                 accelerator.backward(loss)
                 if fsdp and accelerator.sync_gradients:

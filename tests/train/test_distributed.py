@@ -123,3 +123,16 @@ def test_bad_input_under_torchrun_is_one_line_per_problem(init_ckpt, train_data,
     assert re.fullmatch(r"unimoe train: process\(es\) (0|1|0, 1) of 2 failed \(exit status 2; see above\)", lines[-1])
     errors = lines[:-1]
     assert errors and all(line.startswith("unimoe train: error: ") and "no tokenizer" in line for line in errors)
+
+
+@pytest.mark.timeout(600)
+def test_batches_that_reach_no_trainable_part(init_ckpt, train_data, tmp_path):
+    """Text-only batches while only the connectors train: the loss has no graph. One process adds a zero that
+    touches the trainable parameters; under DDP that zero crashed ("marked as ready twice"), so several processes
+    backpropagate from the input embeddings instead, and both give the same losses."""
+    args = ["steps=2", "batch_size=8", "log_every=1", "data.tasks=[text_qa]", "trainable={connectors: true}"]
+    one = train("align", init_ckpt, train_data, tmp_path / "one", 1, *args)
+    two = train("align", init_ckpt, train_data, tmp_path / "two", 2, *args)
+    assert two == pytest.approx(one, rel=0.03)
+    # nothing reached a trainable part, so nothing moved
+    assert_close_weights(weights(tmp_path / "two"), load_file(Path(init_ckpt) / "model.safetensors"), atol=0)
