@@ -220,6 +220,9 @@ def _make_accelerator(stage: StageConfig, out_dir: Path):
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, broadcast_buffers=False)],
         fsdp_plugin=fsdp,
     )
+    # torch 2.14 renames broadcast_buffers (forward_sync_buffers), which accelerate 1.15's DDP kwargs cannot pass;
+    # the old name still does what is wanted here
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     if fsdp is not None and accelerator.distributed_type.name == "MULTI_CPU":
         _fsdp_on_cpu(accelerator, fsdp)
     if accelerator.distributed_type.name == "DEEPSPEED":  # see the module docstring

@@ -211,7 +211,8 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     prints its own one-line error, and torchrun's agent logs and ``ChildFailedError`` traceback are replaced by one
     line with the first failure's exit status (2 for a bad input, as in one process) or the signal that killed it
     (a process killed by the kernel, e.g. for memory, prints nothing itself). Ctrl-C stops every process and exits
-    130, as in one process."""
+    130, as in one process. Without ``OMP_NUM_THREADS`` each process gets an equal share of the cores (torchrun
+    would set 1 and print a warning about it)."""
     import logging
     import signal
 
@@ -222,6 +223,7 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     launch = get_args_parser().parse_args(["--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
                                            "--master_port", str(_free_port()), "-m", "unimoe.cli", *argv])  # fmt: skip
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     try:
         run(launch)
     except ChildFailedError as err:
