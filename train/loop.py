@@ -231,10 +231,35 @@ def _make_accelerator(stage: StageConfig, out_dir: Path):
     if accelerator.distributed_type.name == "FSDP" and stage.distributed != "fsdp":
         raise ConfigError(f"stage {stage.name}: launched under FSDP (an accelerate config?) but the stage says "
                           f"distributed={stage.distributed}; set distributed=fsdp to train it sharded")  # fmt: skip
-    if stage.batch_size % accelerator.num_processes:
-        n = accelerator.num_processes
-        raise ConfigError(f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by {n} processes")
+    _check_batch_split(stage, accelerator.num_processes)
     return accelerator
+
+
+def _check_batch_split(stage: StageConfig, nproc: int) -> None:
+    if stage.batch_size % nproc:
+        raise ConfigError(f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by {nproc} processes")
+
+
+def check_before_launch(stage: StageConfig, *, init: str | Path, data_root: str | Path, nproc: int) -> None:
+    """What every one of ``nproc`` training processes would refuse, checked once before they start (``unimoe
+    train --nproc N``): the batch split, the starting checkpoint (a local one: its ``config.json`` against the
+    stage, no weights read; a Hub id is left to the processes), the data directory and the stage's tasks."""
+    from unimoe.data.build import check_data_root, task_dir
+    from unimoe.hub import check_local_checkpoint, looks_local
+
+    _check_batch_split(stage, nproc)
+    check_local_checkpoint(init)
+    if looks_local(init):
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(init)
+        except (OSError, ValueError) as err:  # a malformed config.json: one line, as when a process loads it
+            raise CheckpointError(f"{init}: unreadable config.json ({str(err).splitlines()[0]})") from err
+        check_stage_fits_model(stage, config)
+    check_data_root(data_root)
+    for name in stage.data_mix.tasks:
+        task_dir(data_root, name)
 
 
 def _fsdp_plugin():

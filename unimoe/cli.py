@@ -8,7 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from unimoe.errors import CheckpointError, ConfigError, UniMoEError
+from unimoe.errors import ConfigError, UniMoEError
 
 Handler = Callable[[argparse.Namespace], int | None]
 
@@ -247,26 +247,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     stage = load_stage(args.config, parse_cli_overrides(args.overrides))  # validate before launching
     if args.nproc > 1:
-        # what every process would refuse, refused once here, before any process starts
-        if stage.batch_size % args.nproc:
-            raise ConfigError(f"stage {stage.name}: batch_size {stage.batch_size} is not divisible by {args.nproc} "
-                              "processes")  # fmt: skip
-        from unimoe.data.build import check_data_root, task_dir
-        from unimoe.hub import check_local_checkpoint, looks_local
-        from unimoe.train.loop import check_stage_fits_model
+        from unimoe.train.loop import check_before_launch
 
-        check_local_checkpoint(args.init)
-        if looks_local(args.init):  # its config.json alone, no weights (a Hub id is left to the processes)
-            from transformers import AutoConfig
-
-            try:
-                config = AutoConfig.from_pretrained(args.init)
-            except (OSError, ValueError) as err:  # a malformed config.json: one line, as when a process loads it
-                raise CheckpointError(f"{args.init}: unreadable config.json ({str(err).splitlines()[0]})") from err
-            check_stage_fits_model(stage, config)
-        check_data_root(args.data)
-        for name in stage.data_mix.tasks:
-            task_dir(args.data, name)
+        check_before_launch(stage, init=args.init, data_root=args.data, nproc=args.nproc)  # once, not per process
         argv = [a for a in sys.argv[1:] if not a.startswith("--nproc")]
         if "--nproc" in sys.argv[1:]:
             i = sys.argv[1:].index("--nproc")
