@@ -10,7 +10,7 @@ from typing import Any
 
 from unimoe.config_utils import config_from_dict, read_yaml
 from unimoe.errors import ConfigError
-from unimoe.generation.refit import DEFAULT_ALPHAS
+from unimoe.generation.refit import DEFAULT_ALPHAS, DEFAULT_CENTERS, GATES
 from unimoe.presets import apply_overrides
 from unimoe.train.augment import Augmenter
 
@@ -77,6 +77,8 @@ class ForecastRefitSpec:
 
     task: str = "ts_forecast"
     alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))  # relative ridge penalties
+    centers: list[float] = field(default_factory=lambda: list(DEFAULT_CENTERS))  # shares of the MLP's median kept
+    gates: list[str] = field(default_factory=lambda: list(GATES))  # trained and/or clustered
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -84,6 +86,15 @@ class ForecastRefitSpec:
         if not alphas or any(isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 for a in alphas):
             raise ConfigError(f"forecast_refit.alphas: a list of positive numbers, got {self.alphas!r}")
         self.alphas = [float(a) for a in alphas]
+        centers = self.centers if isinstance(self.centers, list) else [self.centers]
+        if not centers or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 <= c <= 1
+                              for c in centers):  # fmt: skip
+            raise ConfigError(f"forecast_refit.centers: a list of shares in [0, 1], got {self.centers!r}")
+        self.centers = [float(c) for c in centers]
+        gates = self.gates if isinstance(self.gates, list) else [self.gates]
+        if not gates or any(g not in GATES for g in gates):
+            raise ConfigError(f"forecast_refit.gates: a list of {', '.join(GATES)}, got {self.gates!r}")
+        self.gates = list(gates)
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"forecast_refit.batch_size: must be a whole number >= 1, got {self.batch_size!r}")
 

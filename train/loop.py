@@ -61,7 +61,8 @@ def refit_forecast(model, processor, stage: StageConfig, data_root: str | Path) 
     if not (directory / "train.jsonl").is_file() or not (directory / "validation.jsonl").is_file():
         raise ConfigError(f"stage {stage.name}: forecast_refit.task: {directory} has no train and validation splits")
     report = refit_forecast_skip(model, processor, read_split(directory, "train"), read_split(directory, "validation"),
-                                 alphas=spec.alphas, batch_size=spec.batch_size)  # fmt: skip
+                                 alphas=spec.alphas, centers=spec.centers, gates=spec.gates,
+                                 batch_size=spec.batch_size)  # fmt: skip
     return report.to_dict()
 
 
@@ -644,7 +645,8 @@ def train_stage(
                 refit = refit_forecast(to_save, processor, stage, data_root)
                 accelerator.print(
                     f"{stage.name}: forecast skip refit: validation MASE {refit['validation_mase_before']:.3f} -> "
-                    f"{refit['validation_mase_after']:.3f} (penalty {refit['alpha']})"
+                    f"{refit['validation_mase_after']:.3f} (gate {refit['gate']}, MLP centre share {refit['center']}, "
+                    f"penalty {refit['alpha']}; training windows per forecaster {refit['forecaster_windows']})"
                 )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
     if torch.cuda.is_available():

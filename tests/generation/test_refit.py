@@ -1,5 +1,7 @@
 """The closed-form refit of the forecasting head's linear skip (unimoe.generation.refit)."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -8,9 +10,10 @@ from unimoe.errors import ConfigError
 from unimoe.generation.refit import refit_forecast_skip
 
 
-def _records(n: int, seed: int, *, horizon: int = 6, rule: str = "sine") -> list[dict]:
+def _records(n: int, seed: int, *, horizon: int = 6, rule: str = "sine", season: int = 8) -> list[dict]:
     """Forecasting records of period-8 sines with random phase, amplitude and level (``rule="flat"``: the target
-    repeats the last value, which a sine-trained skip gets wrong)."""
+    repeats the last value, which a sine-trained skip gets wrong; ``rule="mirror"``: the sine's continuation
+    reflected about the last value, asked for with its own prompt — the same window, the opposite forecast)."""
     rng = np.random.default_rng(seed)
     records = []
     for i in range(n):
@@ -19,15 +22,18 @@ def _records(n: int, seed: int, *, horizon: int = 6, rule: str = "sine") -> list
         context, target = values[:40], values[40:]
         if rule == "flat":
             target = np.full(horizon, context[-1])
+        if rule == "mirror":
+            target = 2 * context[-1] - target
+        request = "Forecast the mirror image of the next" if rule == "mirror" else "Forecast the next"
         records.append({
             "id": f"sine/{seed}/{i}",
             "messages": [
                 {"role": "user", "content": [{"type": "series", "array": context[:, None].astype(np.float32)},
-                                             {"type": "text", "text": f"Forecast the next {horizon} values."}]},
+                                             {"type": "text", "text": f"{request} {horizon} values."}]},
                 {"role": "assistant", "content": " ".join(f"{v:.3f}" for v in target)},
             ],
             "target": [float(v) for v in target],
-            "meta": {"context": context.tolist(), "season": 8},
+            "meta": {"context": context.tolist(), "season": season},
         })  # fmt: skip
     return records
 
@@ -52,7 +58,9 @@ def test_refit_fits_the_skip_and_its_report_matches_the_models_own_forecasts(gen
     assert report.validation_mase_before == pytest.approx(before, rel=1e-4)
     assert report.alpha is not None and report.validation_mase_after < 0.3 * before
     assert _mase(model, processor, val) == pytest.approx(report.validation_mase_after, rel=1e-3)
-    assert set(report.candidates) == {"0.001", "0.01", "0.1", "1", "10"}
+    assert set(report.candidates) == {f"{gate} center={c} alpha={a}" for gate in ("trained", "clustered")
+                                      for c in (1, 0) for a in ("0.001", "0.01", "0.1", "1", "10")}  # fmt: skip
+    assert min(report.candidates.values()) == report.validation_mase_after
     assert report.train_windows == 96 and report.validation_windows == 24
 
 
@@ -69,11 +77,77 @@ def test_refit_keeps_the_trained_skip_when_no_penalty_helps_on_validation(gen_ch
     assert torch.equal(skip.weight, weight) and torch.equal(skip.bias, bias)
 
 
+MIRROR = "Reflect every value about the last one and forecast the mirror image of the next"
+
+
+def _prompt_only(model) -> None:
+    """Every window to linear forecaster 0, as the trained tiny models' gates nearly did (2 of 8 used), and the
+    series connector's output zeroed, so the LLM's query states tell the windows apart by their prompt alone (the
+    trained tiny models' states separate their seven series almost perfectly; a random model's mix prompt and
+    series)."""
+    gate = model.model.generation_heads["series"].skip.gate[1]
+    connector = model.model.connectors["series"].linear_2
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.bias.zero_()
+        gate.bias[0] = 20.0
+        connector.weight.zero_()
+        connector.bias.zero_()
+
+
+def test_a_clustered_gate_gives_each_kind_of_prompt_its_own_linear_forecaster(gen_checkpoint):
+    """Sines to continue and sines to mirror (the same windows, opposite forecasts, told apart only by the prompt):
+    one linear forecaster cannot fit both, so with the gate collapsed onto one the trained-gate refit stays poor,
+    while the k-means gate on the query states sends each prompt to a forecaster of its own and fits both. The
+    model's own forecasts afterwards score what the refit computed."""
+    from unimoe.inference import load_pretrained
+
+    def records(n, seed, rule="sine"):  # season 1: MASE in one-step changes (a sine repeats its season exactly)
+        out = _records(n, seed, rule=rule, season=1)
+        for record in out if rule == "mirror" else []:
+            record["messages"][0]["content"][1]["text"] = f"{MIRROR} 6 values."
+        return out
+
+    train, val = records(64, 1) + records(64, 3, "mirror"), records(16, 2) + records(16, 4, "mirror")
+    model, processor = load_pretrained(gen_checkpoint)
+    _prompt_only(model)
+    trained_only = refit_forecast_skip(model, processor, train, val, gates=["trained"], centers=[1.0])
+    model, processor = load_pretrained(gen_checkpoint)
+    _prompt_only(model)
+    report = refit_forecast_skip(model, processor, train, val, centers=[1.0])
+    assert trained_only.forecaster_windows == [len(train)] + [0] * 7
+    assert report.gate == "clustered"
+    assert sorted(report.forecaster_windows, reverse=True) == [64, 64] + [0] * 6
+    assert report.validation_mase_after < 0.2 * trained_only.validation_mase_after
+    assert _mase(model, processor, val) == pytest.approx(report.validation_mase_after, rel=1e-3)
+
+
+def test_the_mlp_centre_share_moves_every_quantile_by_the_same_amount(gen_model):
+    """``center`` c: the MLP's last layer is rewritten so its median becomes c times what it was and every other
+    quantile moves with it (the band keeps its width)."""
+    from unimoe.generation.refit import _set_center
+
+    model, _ = gen_model
+    head = copy.deepcopy(model.model.generation_heads["series"])
+    queries = torch.randn(5, head.mlp[0].normalized_shape[0])
+    before = head.mlp(queries).view(5, head.config.max_horizon, -1)
+    _set_center(head, 0.25)
+    after = head.mlp(queries).view(5, head.config.max_horizon, -1)
+    median = head.config.quantiles.index(0.5)
+    assert torch.allclose(after[..., median], 0.25 * before[..., median], atol=1e-5)
+    shift = (after - before)[..., median : median + 1]
+    assert torch.allclose(after - before, shift.expand_as(after), atol=1e-5)
+
+
 def test_refit_errors_name_the_problem(gen_model, tiny_model):
     model, processor = gen_model
     records = _records(4, seed=0)
     with pytest.raises(ConfigError, match="forecast_refit.alphas"):
         refit_forecast_skip(model, processor, records, records, alphas=[0.1, -1.0])
+    with pytest.raises(ConfigError, match="forecast_refit.centers"):
+        refit_forecast_skip(model, processor, records, records, centers=[1.5])
+    with pytest.raises(ConfigError, match="forecast_refit.gates"):
+        refit_forecast_skip(model, processor, records, records, gates=["learned"])
     with pytest.raises(ConfigError, match="training and validation"):
         refit_forecast_skip(model, processor, records, [])
     tiny_model.model.generation_heads["series"].skip = None
