@@ -54,7 +54,7 @@ def test_refit_fits_the_skip_and_its_report_matches_the_models_own_forecasts(gen
     model, processor = load_pretrained(gen_checkpoint)
     train, val = _records(96, seed=1), _records(24, seed=2)
     before = _mase(model, processor, val)
-    report = refit_forecast_skip(model, processor, train, val, batch_size=16)
+    report = refit_forecast_skip(model, processor, train, val, with_validation=False, batch_size=16)
     assert report.validation_mase_before == pytest.approx(before, rel=1e-4)
     assert report.alpha is not None and report.validation_mase_after < 0.3 * before
     assert _mase(model, processor, val) == pytest.approx(report.validation_mase_after, rel=1e-3)
@@ -114,12 +114,30 @@ def test_a_clustered_gate_gives_each_kind_of_prompt_its_own_linear_forecaster(ge
     trained_only = refit_forecast_skip(model, processor, train, val, gates=["trained"], centers=[1.0])
     model, processor = load_pretrained(gen_checkpoint)
     _prompt_only(model)
-    report = refit_forecast_skip(model, processor, train, val, centers=[1.0])
+    report = refit_forecast_skip(model, processor, train, val, centers=[1.0], with_validation=False)
     assert trained_only.forecaster_windows == [len(train)] + [0] * 7
     assert report.gate == "clustered"
     assert sorted(report.forecaster_windows, reverse=True) == [64, 64] + [0] * 6
     assert report.validation_mase_after < 0.2 * trained_only.validation_mase_after
     assert _mase(model, processor, val) == pytest.approx(report.validation_mase_after, rel=1e-3)
+
+
+def test_the_chosen_candidate_is_fitted_again_with_the_validation_windows(gen_checkpoint):
+    """``with_validation`` (the default) keeps the candidate chosen on validation and refits its forecasters on
+    train + validation: same choice, other weights, and a closer fit of the validation windows it now saw."""
+    from unimoe.inference import load_pretrained
+
+    train, val = _records(96, seed=1, season=1), _records(24, seed=2, season=1)
+    fitted = {}
+    for with_validation in (False, True):
+        model, processor = load_pretrained(gen_checkpoint)
+        report = refit_forecast_skip(model, processor, train, val, with_validation=with_validation)
+        fitted[with_validation] = (report, model.model.generation_heads["series"].skip.weight.detach().clone(),
+                                   _mase(model, processor, val))  # fmt: skip
+    (plain, plain_weight, plain_mase), (both, both_weight, both_mase) = fitted[False], fitted[True]
+    assert (both.gate, both.center, both.alpha) == (plain.gate, plain.center, plain.alpha) != (None, None, None)
+    assert both.validation_mase_after == plain.validation_mase_after == pytest.approx(plain_mase, rel=1e-3)
+    assert not torch.equal(both_weight, plain_weight) and both_mase <= plain_mase
 
 
 def test_the_mlp_centre_share_moves_every_quantile_by_the_same_amount(gen_model):

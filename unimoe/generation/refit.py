@@ -133,23 +133,29 @@ def _features(gate: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return (gate[:, :, None] * torch.cat([window, ones], dim=1)[:, None, :]).flatten(1)
 
 
-def _kmeans(points: torch.Tensor, k: int, *, iterations: int = 50, seed: int = 0) -> torch.Tensor:
-    """``(k, D)`` centroids of ``points (n, D)`` by Lloyd's algorithm from a k-means++ start (seeded)."""
+def _kmeans(points: torch.Tensor, k: int, *, restarts: int = 10, iterations: int = 100, seed: int = 0) -> torch.Tensor:
+    """``(k, D)`` centroids of ``points (n, D)``: Lloyd's algorithm from ``restarts`` seeded k-means++ starts, the
+    run with the smallest within-cluster sum of squares kept (one start often merges two series)."""
     generator = torch.Generator().manual_seed(seed)
-    centroids = points[torch.randint(len(points), (1,), generator=generator)]
-    while len(centroids) < k:  # k-means++: each next centroid drawn with probability ~ squared distance
-        distance = torch.cdist(points, centroids).min(dim=1).values.square()
-        if not bool(distance.sum() > 0):
-            break  # fewer distinct points than clusters
-        centroids = torch.cat([centroids, points[torch.multinomial(distance, 1, generator=generator)]])
-    for _ in range(iterations):
-        assign = torch.cdist(points, centroids).argmin(dim=1)
-        moved = torch.stack([points[assign == j].mean(0) if bool((assign == j).any()) else centroids[j]
-                             for j in range(len(centroids))])  # fmt: skip
-        if torch.equal(moved, centroids):
-            break
-        centroids = moved
-    return centroids
+    best, best_inertia = None, float("inf")
+    for _ in range(restarts):
+        centroids = points[torch.randint(len(points), (1,), generator=generator)]
+        while len(centroids) < k:  # k-means++: each next centroid drawn with probability ~ squared distance
+            distance = torch.cdist(points, centroids).min(dim=1).values.square()
+            if not bool(distance.sum() > 0):
+                break  # fewer distinct points than clusters
+            centroids = torch.cat([centroids, points[torch.multinomial(distance, 1, generator=generator)]])
+        for _ in range(iterations):
+            assign = torch.cdist(points, centroids).argmin(dim=1)
+            moved = torch.stack([points[assign == j].mean(0) if bool((assign == j).any()) else centroids[j]
+                                 for j in range(len(centroids))])  # fmt: skip
+            if torch.equal(moved, centroids):
+                break
+            centroids = moved
+        inertia = float(torch.cdist(points, centroids).min(dim=1).values.square().sum())
+        if inertia < best_inertia:
+            best, best_inertia = centroids, inertia
+    return best
 
 
 @torch.no_grad()
@@ -249,12 +255,15 @@ def refit_forecast_skip(
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     centers: Sequence[float] = DEFAULT_CENTERS,
     gates: Sequence[str] = GATES,
+    with_validation: bool = True,
     batch_size: int = 32,
 ) -> RefitReport:
     """Refit the forecasting head's linear skip by ridge regression on ``train_records`` (forecasting records with
     a ``target``) for every ``gates`` × ``centers`` × ``alphas`` candidate (module docstring), choosing on
     ``validation_records`` by MASE; the model is changed in place only when a candidate beats the trained head
-    there."""
+    there. ``with_validation``: the chosen candidate's linear forecasters are then fitted once more on the training
+    and validation windows together (the validation windows are the latest before the test period); the report's
+    ``validation_mase_after`` is the candidate's score before that final fit."""
     heads = getattr(getattr(model, "model", None), "generation_heads", {})
     head = dict(heads).get("series")  # an nn.ModuleDict has no get()
     if head is None or head.skip is None:
@@ -296,9 +305,14 @@ def refit_forecast_skip(
                 value = _mase(val, float(center) * val.mlp + x_val @ theta, validation_records)
                 candidates[f"{gate_name} center={float(center):g} alpha={float(alpha):g}"] = value
                 if np.isfinite(value) and value < best_mase:
-                    best, best_mase = (gate_name, linear, float(center), float(alpha), theta), value
-    chosen = best or ("trained", None, None, None, trained)
-    gate_name, linear, center, alpha, theta = chosen
+                    best, best_mase = (gate_name, linear, float(center), float(alpha), theta, prior), value
+    gate_name, linear, center, alpha, theta, prior = best or ("trained", None, None, None, trained, trained)
+    if best is not None and with_validation:  # the chosen candidate fitted again on train + validation windows
+        x = torch.cat([_features(_gate_probs(skip, part, linear), part.window) for part in (train, val)])
+        val_target, val_mask = _targets(validation_records, val, head.config.max_horizon)
+        target, mask = torch.cat([target, val_target]), torch.cat([mask, val_mask])
+        residual = (target - center * torch.cat([train.mlp, val.mlp]) - x @ prior) * mask
+        theta = _ridge(x, residual, mask, prior, alpha, torch.eye(x.shape[1], dtype=x.dtype))
     if best is not None:
         if linear is not None:
             with torch.no_grad():
