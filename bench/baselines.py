@@ -195,8 +195,10 @@ def _lags(context: np.ndarray, p: int) -> tuple[np.ndarray, float, float]:
 def ts_forecast_baseline(task_dir: Path) -> Metrics:
     """Seasonal naive, and per series a direct multi-output ridge on the last ``p`` values (``p`` = the shortest
     training context of that series, at most 2 seasons + 8), each window normalized by the mean and std of those
-    lags. MSE / MAE are on the scale normalized by each test window's whole-context mean and std (comparable across
-    series); MASE is per window, then averaged."""
+    lags, fitted on the training and validation windows (everything before the test period, as the model's
+    forecasting refit is; on the training windows alone it scores MASE 0.645 instead of 0.639). MSE / MAE are on
+    the scale normalized by each test window's whole-context mean and std (comparable across series); MASE is per
+    window, then averaged."""
     from sklearn.linear_model import Ridge
 
     def load(split):
@@ -206,7 +208,8 @@ def ts_forecast_baseline(task_dir: Path) -> Metrics:
             rows.append((r["meta"]["series"], int(r["meta"]["season"]), context, np.asarray(r["target"], np.float64)))
         return rows
 
-    train, test = load("train"), load("test")
+    validation = load("validation") if (task_dir / "validation.jsonl").is_file() else []
+    train, test = load("train") + validation, load("test")
     lags = {}
     for name, season, context, _ in train:
         lags[name] = min(lags.get(name, 2 * season + 8), len(context))

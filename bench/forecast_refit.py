@@ -35,7 +35,7 @@ def per_series_mase(model, processor, records: list[dict]) -> dict[str, float]:
     return {key: round(float(value), 4) for key, value in out.items()}
 
 
-def measure(checkpoint: str, task_dir: Path) -> dict:
+def measure(checkpoint: str, task_dir: Path, gates: list[str] | None = None, with_validation: bool = True) -> dict:
     from unimoe.data.records import read_split
     from unimoe.generation.refit import refit_forecast_skip
     from unimoe.inference import load_pretrained
@@ -43,7 +43,9 @@ def measure(checkpoint: str, task_dir: Path) -> dict:
     model, processor = load_pretrained(checkpoint)
     splits = {name: read_split(task_dir, name) for name in ("train", "validation", "test")}
     before = per_series_mase(model, processor, splits["test"])
-    report = refit_forecast_skip(model, processor, splits["train"], splits["validation"])
+    kwargs = {"gates": gates} if gates else {}
+    kwargs["with_validation"] = with_validation
+    report = refit_forecast_skip(model, processor, splits["train"], splits["validation"], **kwargs)
     after = per_series_mase(model, processor, splits["test"])
     refit = report.to_dict()
     refit.pop("candidates")
@@ -55,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoints", nargs="+")
     parser.add_argument("--data", default="data")
     parser.add_argument("--json")
+    parser.add_argument("--train-only", action="store_true", help="no final fit on train + validation windows")
+    parser.add_argument("--gates", help="comma-separated gate candidates (default: the refit's own)")
     args = parser.parse_args(argv)
     from baselines import ts_forecast_baseline
 
@@ -63,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     baseline = {"all": ridge["ridge/mase"]} | {
         k.split("/")[-1]: v for k, v in ridge.items() if k.startswith("ridge/mase/")
     }
-    runs = [measure(c, task_dir) for c in args.checkpoints]
+    gates = args.gates.split(",") if args.gates else None
+    runs = [measure(c, task_dir, gates, not args.train_only) for c in args.checkpoints]
     series = list(runs[0]["before"])
     header = ["series", "ridge baseline"] + [f"{r['checkpoint']} before / after" for r in runs]
     print("| " + " | ".join(header) + " |")

@@ -10,7 +10,7 @@ from typing import Any
 
 from unimoe.config_utils import config_from_dict, read_yaml
 from unimoe.errors import ConfigError
-from unimoe.generation.refit import DEFAULT_ALPHAS, DEFAULT_CENTERS, GATES
+from unimoe.generation.refit import DEFAULT_ALPHAS, DEFAULT_CENTERS, DEFAULT_GATES, GATES
 from unimoe.presets import apply_overrides
 from unimoe.train.augment import Augmenter
 
@@ -78,7 +78,8 @@ class ForecastRefitSpec:
     task: str = "ts_forecast"
     alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))  # relative ridge penalties
     centers: list[float] = field(default_factory=lambda: list(DEFAULT_CENTERS))  # shares of the MLP's median kept
-    gates: list[str] = field(default_factory=lambda: list(GATES))  # trained and/or clustered
+    gates: list[str] = field(default_factory=lambda: list(DEFAULT_GATES))  # trained, series, clustered
+    with_validation: bool = True  # the chosen candidate fitted once more on train + validation windows
     batch_size: int = 32
 
     def __post_init__(self) -> None:
@@ -95,6 +96,8 @@ class ForecastRefitSpec:
         if not gates or any(g not in GATES for g in gates):
             raise ConfigError(f"forecast_refit.gates: a list of {', '.join(GATES)}, got {self.gates!r}")
         self.gates = list(gates)
+        if not isinstance(self.with_validation, bool):
+            raise ConfigError(f"forecast_refit.with_validation: true or false, got {self.with_validation!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigError(f"forecast_refit.batch_size: must be a whole number >= 1, got {self.batch_size!r}")
 

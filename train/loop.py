@@ -62,6 +62,7 @@ def refit_forecast(model, processor, stage: StageConfig, data_root: str | Path) 
         raise ConfigError(f"stage {stage.name}: forecast_refit.task: {directory} has no train and validation splits")
     report = refit_forecast_skip(model, processor, read_split(directory, "train"), read_split(directory, "validation"),
                                  alphas=spec.alphas, centers=spec.centers, gates=spec.gates,
+                                 with_validation=spec.with_validation,
                                  batch_size=spec.batch_size)  # fmt: skip
     return report.to_dict()
 

@@ -122,6 +122,36 @@ def test_a_clustered_gate_gives_each_kind_of_prompt_its_own_linear_forecaster(ge
     assert _mase(model, processor, val) == pytest.approx(report.validation_mase_after, rel=1e-3)
 
 
+def test_a_series_gate_classifies_the_windows_by_their_series_name(gen_checkpoint):
+    """With series names in the records' ``meta`` the gate becomes a classifier of them (one forecaster per
+    series), which needs no help from the prompt-only trick above: on a random model whose query states mix
+    prompt and values, continue / mirror windows still go to a forecaster each and both are fitted."""
+    from unimoe.inference import load_pretrained
+
+    def records(n, seed, rule="sine"):
+        out = _records(n, seed, rule=rule, season=1)
+        for record in out:
+            record["meta"]["series"] = rule
+            if rule == "mirror":
+                record["messages"][0]["content"][1]["text"] = f"{MIRROR} 6 values."
+        return out
+
+    train, val = records(64, 1) + records(64, 3, "mirror"), records(16, 2) + records(16, 4, "mirror")
+    model, processor = load_pretrained(gen_checkpoint)
+    _prompt_only(model)  # collapses the gate
+    trained_only = refit_forecast_skip(model, processor, train, val, gates=["trained"], centers=[1.0])
+    model, processor = load_pretrained(gen_checkpoint)
+    gate = model.model.generation_heads["series"].skip.gate[1]
+    with torch.no_grad():
+        gate.weight.zero_()
+        gate.bias.zero_()
+        gate.bias[0] = 20.0
+    report = refit_forecast_skip(model, processor, train, val, centers=[1.0], with_validation=False)
+    assert report.gate == "series" and report.forecaster_windows == [64, 64] + [0] * 6  # names sorted: mirror, sine
+    assert report.validation_mase_after < 0.2 * trained_only.validation_mase_after
+    assert _mase(model, processor, val) == pytest.approx(report.validation_mase_after, rel=1e-3)
+
+
 def test_the_chosen_candidate_is_fitted_again_with_the_validation_windows(gen_checkpoint):
     """``with_validation`` (the default) keeps the candidate chosen on validation and refits its forecasters on
     train + validation: same choice, other weights, and a closer fit of the validation windows it now saw."""

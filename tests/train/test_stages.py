@@ -102,12 +102,14 @@ def test_a_stage_can_end_with_the_forecast_skip_refit(init_ckpt, tmp_path):
     root = tmp_path / "data"
     card = build_forecast(root / "ts_forecast", 0, stride_scale=6)  # a small build (every 6th window)
     (root / "ts_forecast" / MARKER).write_text(json.dumps({"seed": 0, "card": asdict(card)}))
-    cfg = small("tune", data={"tasks": ["ts_forecast"]}, forecast_refit={"alphas": ["1e-2", 1.0]})
+    refit = {"alphas": ["1e-2", 1.0], "centers": [1.0, 0.0], "with_validation": False}  # scored as saved
+    cfg = small("tune", data={"tasks": ["ts_forecast"]}, forecast_refit=refit)
     result = train_stage(cfg, init=init_ckpt, out_dir=tmp_path / "run", data_root=root, progress=False)
     report = result.forecast_refit
     train, val = read_split(root / "ts_forecast", "train"), read_split(root / "ts_forecast", "validation")
     assert report["train_windows"] == len(train) and report["validation_windows"] == len(val)
-    assert set(report["candidates"]) == {"0.01", "1"}
+    assert set(report["candidates"]) == {f"{gate} center={c} alpha={a}" for gate in ("trained", "series")
+                                         for c in (1, 0) for a in (0.01, 1)}  # fmt: skip
     assert report["validation_mase_after"] <= report["validation_mase_before"]
     saved = json.loads((tmp_path / "run" / "result.json").read_text())["forecast_refit"]
     assert saved == report
@@ -122,6 +124,12 @@ def test_forecast_refit_section_is_validated_at_load():
         load_stage("tune", {"forecast_refit": {"alphas": [0.1, -1]}})
     with pytest.raises(ConfigError, match=r"forecast_refit: unknown field\(s\) \['lambda'\]"):
         load_stage("tune", {"forecast_refit": {"lambda": 1.0}})
+    with pytest.raises(ConfigError, match="forecast_refit.centers"):
+        load_stage("tune", {"forecast_refit": {"centers": [0.5, 2]}})
+    with pytest.raises(ConfigError, match="forecast_refit.gates"):
+        load_stage("tune", {"forecast_refit": {"gates": ["oracle"]}})
+    with pytest.raises(ConfigError, match="forecast_refit.with_validation"):
+        load_stage("tune", {"forecast_refit": {"with_validation": "yes"}})
 
 
 def test_media_text_tasks_must_be_trained_tasks(init_ckpt, train_data, tmp_path):

@@ -41,7 +41,8 @@ from unimoe.errors import ConfigError
 
 DEFAULT_ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 DEFAULT_CENTERS = (1.0, 0.0)
-GATES = ("trained", "clustered")
+GATES = ("trained", "series", "clustered")
+DEFAULT_GATES = ("trained", "series")
 
 
 @dataclass
@@ -177,6 +178,40 @@ def _clustered_gate(skip, train: _HeadInputs) -> tuple[torch.Tensor, torch.Tenso
     return tau * 2 * (centroids - mean), -tau * (centroids.square().sum(1) - mean.square().sum())
 
 
+def _series_gate(skip, train: _HeadInputs, labels: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The gate's linear layer ``(weight (K, D), bias (K,))`` as a classifier of the training windows' series names
+    (the records' ``meta.series``): multinomial logistic regression on the gate's normalized inputs, series ``i`` →
+    forecaster ``i``, unused forecasters never picked, logits scaled so the winner's margin is at least 10 for 90%
+    of the training windows. None when there are more series than forecasters."""
+    names = sorted(set(labels))
+    k = skip.weight.shape[0]
+    if len(names) > k or len(names) < 2:
+        return None
+    points = skip.gate[0](_on_head(skip, train.queries)).detach().double().cpu()
+    target = torch.tensor([names.index(name) for name in labels])
+    weight = torch.zeros(len(names), points.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(names), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(points @ weight.T + bias, target) + 1e-3 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    weight, bias = weight.detach(), bias.detach()
+    logits = points @ weight.T + bias
+    top = logits.topk(2, dim=1).values
+    tau = max(1.0, 10.0 / float(torch.quantile(top[:, 0] - top[:, 1], 0.1).clamp_min(1e-6)))
+    unused = k - len(names)
+    full_weight = torch.cat([tau * weight, torch.zeros(unused, points.shape[1], dtype=torch.float64)])
+    floor = float((tau * logits).min()) - 1e3  # below every used forecaster's logit on the training windows
+    full_bias = torch.cat([tau * bias, torch.full((unused,), floor, dtype=torch.float64)])
+    return full_weight, full_bias
+
+
 def _skip_matrix(skip) -> torch.Tensor:
     """The skip's weights as one ``(K * (W + 1), H_max)`` matrix (rows: forecaster k's window weights, then its
     bias), the layout of :func:`_features`."""
@@ -254,7 +289,7 @@ def refit_forecast_skip(
     *,
     alphas: Sequence[float] = DEFAULT_ALPHAS,
     centers: Sequence[float] = DEFAULT_CENTERS,
-    gates: Sequence[str] = GATES,
+    gates: Sequence[str] = DEFAULT_GATES,
     with_validation: bool = True,
     batch_size: int = 32,
 ) -> RefitReport:
@@ -286,11 +321,17 @@ def refit_forecast_skip(
     skip = head.skip
     target, mask = _targets(train_records, train, head.config.max_horizon)
     trained = _skip_matrix(skip)
-    gate_options = {"trained": (None, trained)}
-    if "clustered" in gates and skip.gate is not None and len(train_records) >= skip.weight.shape[0]:
-        gate_options["clustered"] = (_clustered_gate(skip, train), _naive_matrix(skip))
-    if "trained" not in gates:
-        del gate_options["trained"]
+    gate_options = {"trained": (None, trained)} if "trained" in gates else {}
+    if skip.gate is not None:
+        labels = [(record.get("meta") or {}).get("series") for record in train_records]
+        if "series" in gates and all(isinstance(name, str) for name in labels):
+            linear = _series_gate(skip, train, labels)
+            if linear is not None:
+                gate_options["series"] = (linear, _naive_matrix(skip))
+        # without series names (or with more series than forecasters) "series" falls back to the clustering
+        wants_clusters = "clustered" in gates or ("series" in gates and "series" not in gate_options)
+        if wants_clusters and len(train_records) >= skip.weight.shape[0]:
+            gate_options["clustered"] = (_clustered_gate(skip, train), _naive_matrix(skip))
     before = _mase(val, val.mlp + _features(_gate_probs(skip, val), val.window) @ trained, validation_records)
     candidates: dict[str, float] = {}
     best, best_mase = None, before
@@ -335,4 +376,4 @@ def refit_forecast_skip(
     )
 
 
-__all__ = ["DEFAULT_ALPHAS", "DEFAULT_CENTERS", "GATES", "RefitReport", "refit_forecast_skip"]
+__all__ = ["DEFAULT_ALPHAS", "DEFAULT_CENTERS", "DEFAULT_GATES", "GATES", "RefitReport", "refit_forecast_skip"]
