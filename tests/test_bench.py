@@ -57,3 +57,31 @@ def test_cli_prints_the_table_and_writes_json(tmp_path):
     bad = subprocess.run([sys.executable, str(ROOT / "bench" / "seeds.py"), str(paths[0]), "--labels", "0,1"],
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "--labels: 2 names for 1 runs" in bad.stderr
+
+
+def test_forecast_refit_bench_scores_a_checkpoint_before_and_after_without_changing_it(tmp_path):
+    """bench/forecast_refit.py on a random tiny checkpoint and a small build of the real forecasting splits: per-series
+    test MASE before and after the refit beside the ridge baseline, the refit's choice, and the files on disk left
+    as they were."""
+    import hashlib
+
+    import forecast_refit
+
+    from unimoe.data.tasks_points_series import build_forecast
+    from unimoe.inference import init_checkpoint
+
+    build_forecast(tmp_path / "data" / "ts_forecast", 0, stride_scale=12)
+    ckpt = init_checkpoint("tiny", tmp_path / "ckpt", seed=0)
+    digest = lambda: {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in Path(ckpt).iterdir() if p.is_file()}  # noqa: E731
+    before = digest()
+    out = tmp_path / "refit.json"
+    assert forecast_refit.main([str(ckpt), "--data", str(tmp_path / "data"), "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    series = {"co2", "cpi", "elnino", "realgdp", "sunspots", "tbilrate", "unemp"}
+    assert set(report["baseline"]) == series | {"all"} and 0 < report["baseline"]["all"] < 2
+    (run,) = report["runs"]
+    assert set(run["before"]) == set(run["after"]) == series | {"all"}
+    refit = run["refit"]
+    assert refit["gate"] in ("trained", "series") and refit["validation_mase_after"] < refit["validation_mase_before"]
+    assert run["after"]["all"] != run["before"]["all"]
+    assert digest() == before
