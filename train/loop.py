@@ -227,6 +227,9 @@ def _make_accelerator(stage: StageConfig, out_dir: Path):
     warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     if fsdp is not None and accelerator.distributed_type.name == "MULTI_CPU":
         _fsdp_on_cpu(accelerator, fsdp)
+    if fsdp is not None and accelerator.num_processes == 1:
+        accelerator.print(f"{stage.name}: distributed=fsdp in one process has nothing to shard; training unsharded "
+                          "(launch several with `unimoe train --nproc N`)")  # fmt: skip
     if accelerator.distributed_type.name == "DEEPSPEED":  # see the module docstring
         raise ConfigError(f"stage {stage.name}: DeepSpeed is not supported; launch with `unimoe train --nproc N` "
                           "(DDP, or FSDP with distributed=fsdp)")  # fmt: skip

@@ -90,6 +90,13 @@ def test_every_stage_smoke_runs(stage, init_ckpt, train_data, tmp_path):
     assert not any("lora_A." in k or "base_model" in k for k in weights)
 
 
+def test_fsdp_in_one_process_says_it_trains_unsharded(init_ckpt, train_data, tmp_path, capsys):
+    result = train_stage(small("align", steps=1, distributed="fsdp"), init=init_ckpt, out_dir=tmp_path,
+                         data_root=train_data, progress=False)  # fmt: skip
+    assert result.steps == 1
+    assert "distributed=fsdp in one process has nothing to shard" in capsys.readouterr().out
+
+
 def test_a_stage_can_end_with_the_forecast_skip_refit(init_ckpt, tmp_path):
     """``forecast_refit``: after its last step the stage refits the forecasting head's skip on the task's training
     windows, reports it, and saves the refitted head (its validation forecasts score what the report says)."""
