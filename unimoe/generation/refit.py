@@ -4,28 +4,34 @@ The head's point forecast is ``mlp(queries) + sum_k gate_k(queries) * (window @ 
 :class:`~unimoe.generation.heads.LinearForecasters`). With the LLM, the MLP and the gate held as trained, the forecast
 is linear in the skip's weights, so the weights that fit the training windows best are one ridge regression away —
 where SGD, sharing a few thousand steps with every other task, leaves them short of it (the trained tiny model's
-forecasts scored MASE 0.68-1.05 over runs; a per-series ridge on the raw lags scores 0.645, README "Results").
+forecasts scored MASE 0.68-1.05 over runs; a per-series ridge on the raw lags scores 0.639, README "Results").
 
-Two more candidates are tried beside the trained gate and the full MLP path, because trained models showed both to
-be what held the skip back:
+Two more kinds of candidate are tried beside the trained gate and the full MLP path, because trained models showed
+both to be what held the skip back:
 
-- **A clustered gate.** Trained in mixed multimodal batches, the gate collapsed onto 2 of its 8 linear forecasters
-  (one for the quarterly series, one for weekly CO2, monthly El Niño and yearly sunspots alike), while the query
-  states it reads separate the seven series almost perfectly (k-means on them: nearly every cluster holds one
-  series). The candidate re-gates by nearest centroid of a k-means of the training windows' gate inputs (written
-  into the gate's own linear layer: ``argmin_k |z - c_k|^2 = argmax_k 2 c_k.z - |c_k|^2``), so each cluster gets its
-  own linear forecaster — hard expectation-maximization's first step for a mixture of linear experts.
+- **A gate that names the series.** Trained in mixed multimodal batches, the gate collapsed onto 2 of its 8 linear
+  forecasters (one for the quarterly series, one for weekly CO2, monthly El Niño and yearly sunspots alike), while
+  the query states it reads do tell the seven series apart. When the training records name their series
+  (``meta.series``) and there are no more series than forecasters, the ``series`` candidate rewrites the gate's
+  linear layer as a multinomial logistic regression of those names on its normalized inputs: series i → forecaster
+  i. The model still needs no name at inference; it recognises the series from the prompt and the values. Without
+  names the ``clustered`` candidate stands in: nearest centroid of a k-means of the same inputs
+  (``argmin_k |z - c_k|^2 = argmax_k 2 c_k.z - |c_k|^2``, also a linear layer) — hard EM's first step for a mixture
+  of linear experts; on trained checkpoints it sent a third of the test sunspots windows to El Niño's cluster,
+  where the classifier keeps each series on its own forecaster.
 - **The MLP's share of the centre.** Fitted per window on a few hundred series, the MLP's median adds more noise
   than signal on some series (one trained dense model: CPI MASE 2.05 with it, 0.39 without). With ``center`` c the
   MLP's last layer is rewritten so every quantile moves by ``-(1 - c) * median``: the band keeps its width, the
   centre keeps a share c of the MLP's point forecast and the linear forecasters supply the rest.
 
 Every (gate, centre, penalty) candidate is scored on the validation windows by MASE, and the model is changed only
-when the best one beats the trained head there. The ridge shrinks toward the trained weights (toward the naive
-forecast for a clustered gate, whose forecasters have no trained counterpart), so a large penalty keeps them.
+when the best one beats the trained head there; the winner is then fitted once more on train + validation windows
+(``with_validation``). The ridge shrinks toward the trained weights (toward the naive forecast for a rewritten gate,
+whose forecasters have no trained counterpart), so a large penalty keeps them.
 Written here rather than with scikit-learn: each horizon step has its own set of windows (a series' horizon may be
 shorter than the head's ``max_horizon``), the prior is non-zero, and scikit-learn is only in the ``data`` extra — a
-masked solve of a ``K (W + 1)``-square system per step and a 20-line k-means are a few lines of torch.
+masked solve of a ``K (W + 1)``-square system per step, a k-means and an L-BFGS logistic regression are a few
+lines of torch.
 """
 
 from __future__ import annotations
