@@ -130,6 +130,27 @@ def test_aux_loss_free_bias_updates_after_steps():
     assert out.router_stats[0].load.sum().item() == 4 * 16 * 2
 
 
+def test_bias_updates_of_all_layers_go_through_one_reduce():
+    """Under several processes the layers' loads are summed in one collective: ``reduce`` is called once with every
+    layer's load, and each layer applies the update of its own slice (here the "other process" doubled the load)."""
+    model = build_model("tiny", seed=0, moe={"router_bias_update_rate": 0.01, "aux_loss_coef": 0.0}).train()
+    ids = torch.randint(10, 500, (4, 16))
+    model(input_ids=ids, labels=ids)
+    blocks = list(model.moe_blocks())
+    loads = [b._load_since_update.clone() for b in blocks]
+    calls = []
+
+    def reduce(load):
+        calls.append(load.clone())
+        return 2 * load
+
+    model.update_router_biases(reduce)
+    assert len(calls) == 1 and torch.equal(calls[0], torch.cat(loads))
+    for block, load in zip(blocks, loads):
+        torch.testing.assert_close(block.router_bias, 0.01 * torch.sign(2 * load.mean() - 2 * load))
+        assert block._load_since_update.sum() == 0
+
+
 def test_lora_and_topp_and_null_variants_run(tokenizer):
     model = build_model(
         "tiny",

@@ -401,9 +401,16 @@ class UniMoEForConditionalGeneration(UniMoEPreTrainedModel, GenerationMixin):
 
     def update_router_biases(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         """Apply the auxiliary-loss-free balancing update in every MoE layer (call after each optimizer step; in
-        multi-process training ``reduce`` sums each layer's load over the processes, and every process calls it)."""
+        multi-process training ``reduce`` sums the load over the processes, and every process calls it: the layers'
+        loads go through it together, one collective per step instead of one per layer)."""
+        blocks = [b for b in self.moe_blocks() if b.config.router_bias_update_rate > 0]
+        if reduce is not None and blocks:
+            loads = reduce(torch.cat([b._load_since_update for b in blocks]))
+            for block, load in zip(blocks, loads.split([b._load_since_update.numel() for b in blocks])):
+                block.update_router_bias(lambda _, load=load: load)
         for block in self.moe_blocks():
-            block.update_router_bias(reduce)
+            if reduce is None or block not in blocks:
+                block.update_router_bias()
 
     def forward(
         self,
