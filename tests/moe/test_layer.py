@@ -151,6 +151,23 @@ def test_a_forced_group_of_fine_grained_experts_equals_one_wide_ffn(dispatch):
     torch.testing.assert_close(one, wide_ffn_from_group(block, [3])(x))
 
 
+def test_forced_experts_skip_the_router_and_its_jitter():
+    """Forced routing never reads the router: it is not run, and (in training, with jitter) draws no noise."""
+    cfg = MoEConfig(num_experts=4, top_k=2, router_jitter=0.1)
+    block = SparseMoEBlock(cfg, hidden_size=16, intermediate_size=12, modalities=["text"]).train()
+    calls = []
+    block.router.register_forward_hook(lambda *_: calls.append(1))
+    x = torch.randn(2, 5, 16)
+    torch.manual_seed(0)
+    block(x, forced_experts=torch.zeros(2, 5, dtype=torch.long))
+    after_forced = torch.rand(1)
+    torch.manual_seed(0)
+    expected = torch.rand(1)
+    assert calls == [] and torch.equal(after_forced, expected)
+    block(x)
+    assert calls == [1]
+
+
 def test_routed_scaling_factor_multiplies_the_routed_output():
     torch.manual_seed(0)
     x = torch.randn(2, 5, 16)

@@ -120,15 +120,15 @@ class SparseMoEBlock(nn.Module):
         mask = token_mask.reshape(-1).bool() if token_mask is not None else None  # (T,)
         mods = modality_ids.reshape(-1) if modality_ids is not None else None  # (T,)
 
+        if forced_experts is not None:  # the router is not run: its output would be unused
+            forced = forced_experts.reshape(batch * seq, -1)  # (T, G)
+            return self._forward_forced(x, forced, mask, mods, output_stats, (batch, seq, hidden))
         router_in = x
         if self.training and cfg.router_jitter > 0:
             router_in = x * torch.empty_like(x).uniform_(1.0 - cfg.router_jitter, 1.0 + cfg.router_jitter)
         logits = self.router(router_in)  # (T, E_total)
 
         use_bias = cfg.router_bias_update_rate > 0
-        if forced_experts is not None:
-            forced = forced_experts.reshape(batch * seq, -1)  # (T, G)
-            return self._forward_forced(x, forced, mask, mods, output_stats, (batch, seq, hidden))
         routing = route(
             logits,
             top_k=cfg.top_k,
