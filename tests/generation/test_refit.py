@@ -85,14 +85,20 @@ def _prompt_only(model) -> None:
     series connector's output zeroed, so the LLM's query states tell the windows apart by their prompt alone (the
     trained tiny models' states separate their seven series almost perfectly; a random model's mix prompt and
     series)."""
-    gate = model.model.generation_heads["series"].skip.gate[1]
+    _collapse_gate(model)
     connector = model.model.connectors["series"].linear_2
+    with torch.no_grad():
+        connector.weight.zero_()
+        connector.bias.zero_()
+
+
+def _collapse_gate(model) -> None:
+    """Every window to linear forecaster 0."""
+    gate = model.model.generation_heads["series"].skip.gate[1]
     with torch.no_grad():
         gate.weight.zero_()
         gate.bias.zero_()
         gate.bias[0] = 20.0
-        connector.weight.zero_()
-        connector.bias.zero_()
 
 
 def test_a_clustered_gate_gives_each_kind_of_prompt_its_own_linear_forecaster(gen_checkpoint):
@@ -141,11 +147,7 @@ def test_a_series_gate_classifies_the_windows_by_their_series_name(gen_checkpoin
     _prompt_only(model)  # collapses the gate
     trained_only = refit_forecast_skip(model, processor, train, val, gates=["trained"], centers=[1.0])
     model, processor = load_pretrained(gen_checkpoint)
-    gate = model.model.generation_heads["series"].skip.gate[1]
-    with torch.no_grad():
-        gate.weight.zero_()
-        gate.bias.zero_()
-        gate.bias[0] = 20.0
+    _collapse_gate(model)
     report = refit_forecast_skip(model, processor, train, val, centers=[1.0], with_validation=False)
     assert report.gate == "series" and report.forecaster_windows == [64, 64] + [0] * 6  # names sorted: mirror, sine
     assert report.validation_mase_after < 0.2 * trained_only.validation_mase_after

@@ -166,18 +166,30 @@ def _kmeans(points: torch.Tensor, k: int, *, restarts: int = 10, iterations: int
 
 
 @torch.no_grad()
+def _gate_points(skip, inputs: _HeadInputs) -> torch.Tensor:
+    """``(n, D)`` what the gate's linear layer reads: its layer norm of the query states (float64, CPU)."""
+    return skip.gate[0](_on_head(skip, inputs.queries)).double().cpu()
+
+
+def _margin_scale(margins: torch.Tensor) -> float:
+    """The factor on a gate's logits that makes the winner's margin (``margins``, one per training window, in logit
+    units before scaling) at least 10 for 90% of the training windows: a practically hard gate."""
+    return 10.0 / float(torch.quantile(margins, 0.1).clamp_min(1e-6))
+
+
+@torch.no_grad()
 def _clustered_gate(skip, train: _HeadInputs) -> tuple[torch.Tensor, torch.Tensor]:
     """The gate's linear layer ``(weight (K, D), bias (K,))`` that routes by nearest k-means centroid of the training
     windows' gate inputs. Logits ``tau (2 c_k.z - |c_k|^2)`` differ from ``-tau |z - c_k|^2`` by a term common to all
     k; ``tau`` makes the nearest centroid's margin at least 10 logits for 90% of the training windows."""
     k = skip.weight.shape[0]
-    points = skip.gate[0](_on_head(skip, train.queries)).double().cpu()
+    points = _gate_points(skip, train)
     centroids = _kmeans(points, k)
     if len(centroids) < k:  # fewer distinct windows than forecasters: the rest sit far away, and no window picks them
         centroids = torch.cat([centroids, torch.full((k - len(centroids), points.shape[1]), 1e3, dtype=points.dtype)])
     squared = torch.cdist(points, centroids).square()
     two = squared.topk(2, dim=1, largest=False).values  # nearest and second nearest
-    tau = 10.0 / float(torch.quantile(two[:, 1] - two[:, 0], 0.1).clamp_min(1e-6))
+    tau = _margin_scale(two[:, 1] - two[:, 0])
     # the same logits up to a term common to all k, measured from the centroids' mean m (smaller numbers in float32):
     # -|z - c_k|^2 = 2 (c_k - m).z - (|c_k|^2 - |m|^2) - |z|^2
     mean = centroids.mean(0)
@@ -193,7 +205,7 @@ def _series_gate(skip, train: _HeadInputs, labels: Sequence[str]) -> tuple[torch
     k = skip.weight.shape[0]
     if len(names) > k or len(names) < 2:
         return None
-    points = skip.gate[0](_on_head(skip, train.queries)).detach().double().cpu()
+    points = _gate_points(skip, train)
     target = torch.tensor([names.index(name) for name in labels])
     weight = torch.zeros(len(names), points.shape[1], dtype=torch.float64, requires_grad=True)
     bias = torch.zeros(len(names), dtype=torch.float64, requires_grad=True)
@@ -210,7 +222,7 @@ def _series_gate(skip, train: _HeadInputs, labels: Sequence[str]) -> tuple[torch
     weight, bias = weight.detach(), bias.detach()
     logits = points @ weight.T + bias
     top = logits.topk(2, dim=1).values
-    tau = max(1.0, 10.0 / float(torch.quantile(top[:, 0] - top[:, 1], 0.1).clamp_min(1e-6)))
+    tau = max(1.0, _margin_scale(top[:, 0] - top[:, 1]))
     unused = k - len(names)
     full_weight = torch.cat([tau * weight, torch.zeros(unused, points.shape[1], dtype=torch.float64)])
     floor = float((tau * logits).min()) - 1e3  # below every used forecaster's logit on the training windows
