@@ -2,6 +2,7 @@
 
     python bench/moe_layer.py --json bench/results/moe_layer.json     # full run (~2-3 min on 2 cores)
     python bench/moe_layer.py --quick --json /tmp/moe.json             # smoke mode (tiny sizes, 1 repetition)
+    python bench/moe_layer.py --device cuda --dtype bfloat16 --tokens 16384 --json OUT.json   # on a GPU
 
 Every implementation of a case runs interleaved inside each repetition (so drift in machine speed hits all of them
 alike); the reported time is the median over repetitions and the ratio to dense the median of the per-repetition
@@ -44,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from unimoe.moe import MoEConfig, SparseMoEBlock, SwiGLU  # noqa: E402
 from unimoe.moe.dispatch import use_grouped_mm  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -193,15 +196,18 @@ def check_agreement(impls: dict, x: torch.Tensor) -> float:
     return float((ours - theirs).abs().max())
 
 
-def time_case(case: Case) -> dict:
+def time_case(case: Case, device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> dict:
     impls = make_impls(case)
-    if not case.train:  # decoding runs in eval mode
-        for _, module in impls.values():
+    for _, module in impls.values():
+        module.to(device=device, dtype=dtype)  # in place: the closures keep their module
+        if not case.train:  # decoding runs in eval mode
             module.eval()
     torch.manual_seed(2)
-    x = torch.randn(1, case.tokens, case.hidden, requires_grad=case.train)
-    grad = torch.randn(1, case.tokens, case.hidden) if case.train else None
+    x = torch.randn(1, case.tokens, case.hidden).to(device=device, dtype=dtype).requires_grad_(case.train)
+    grad = torch.randn(1, case.tokens, case.hidden).to(device=device, dtype=dtype) if case.train else None
     agreement = check_agreement(impls, x) if case.expert_type == "ffn" else None
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    inner = case.inner if device.type == "cpu" else max(case.inner, 10)  # GPU calls take ~1 ms: time several
 
     names = list(impls)
     for name in names:  # warm-up (allocator, MKL handles, lazy imports)
@@ -214,11 +220,13 @@ def time_case(case: Case) -> dict:
         for name in order:
             fn, module = impls[name]
             faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            sync()
             start = time.perf_counter()
-            for _ in range(case.inner):
+            for _ in range(inner):
                 step(fn, x, grad, module)
-            samples[name].append((time.perf_counter() - start) * 1000.0 / case.inner)
-            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / case.inner)
+            sync()  # a GPU call returns before its kernels finish
+            samples[name].append((time.perf_counter() - start) * 1000.0 / inner)
+            faults[name].append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / inner)
 
     auto_grouped = use_grouped_mm("auto", x)
     samples["unimoe"] = samples["unimoe_grouped_mm" if auto_grouped else "unimoe_loop"]
@@ -260,7 +268,7 @@ def time_case(case: Case) -> dict:
     }
 
 
-def env_info() -> dict:
+def env_info(device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> dict:
     import transformers
 
     cpu = platform.processor() or platform.machine()
@@ -278,8 +286,8 @@ def env_info() -> dict:
         "threads": torch.get_num_threads(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
-        "dtype": "float32",
-        "device": "cpu",
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 
 
@@ -303,10 +311,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 repetition (smoke test)")
     parser.add_argument("--cases", nargs="*", help="only these case names")
+    parser.add_argument("--device", default="cpu", help="cpu (the targets are for it) or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--tokens", type=int, default=None, help="tokens of the training cases (a GPU wants more)")
     args = parser.parse_args(argv)
 
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available on this machine")
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(os.cpu_count() or 1)
     cases = quick_cases() if args.quick else full_cases()
+    if args.tokens is not None:
+        for case in cases:
+            case.tokens = args.tokens if case.train else case.tokens
     if args.cases:
         unknown = sorted(set(args.cases) - {c.name for c in cases})
         if unknown:
@@ -315,10 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for case in cases:
         start = time.perf_counter()
-        results.append(time_case(case))
+        results.append(time_case(case, device, dtype))
         print(f"[{case.name}: {time.perf_counter() - start:.1f} s]", file=sys.stderr, flush=True)
     print_table(results)
-    report = {"cases": results, "env": env_info()}
+    report = {"cases": results, "env": env_info(device, dtype)}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -234,13 +234,15 @@ def launch(
     port: int | None = None,
     share: bool = False,
     block: bool = True,
+    device: str = "auto",
     **build_kwargs: Any,
 ) -> gr.Blocks:
-    """Load a checkpoint and serve the demo. ``block=False`` returns the running app (close it with ``.close()``)."""
+    """Load a checkpoint and serve the demo (on the GPU if there is one, unless ``device`` says otherwise).
+    ``block=False`` returns the running app (close it with ``.close()``)."""
     from unimoe.inference import load_pretrained
 
     path = resolve_checkpoint(model)
-    loaded, processor = load_pretrained(path)
+    loaded, processor = load_pretrained(path, device=device)
     build_kwargs.setdefault("model_name", path)
     app = build_app(loaded, processor, **build_kwargs)
     app.queue(default_concurrency_limit=1)

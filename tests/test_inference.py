@@ -108,3 +108,25 @@ def test_init_errors(tmp_path, capsys):
     assert "tokenizer" in capsys.readouterr().err
     assert main(["chat", str(tmp_path / "missing"), "hi"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_device_names_are_checked_in_one_line(tiny_ckpt, capsys):
+    import torch
+
+    from unimoe.errors import ConfigError
+    from unimoe.inference import resolve_device
+
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device(None) == resolve_device("auto")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="'gpu0' is not a device"):
+        resolve_device("gpu0")
+    with pytest.raises(ConfigError, match="'meta' is not supported"):
+        resolve_device("meta")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available on this machine"):
+            resolve_device("cuda")
+    assert main(["chat", str(tiny_ckpt), "hi", "--device", "tpu"]) == 2
+    assert "device: 'tpu' is not a device" in capsys.readouterr().err
+    model, _ = load_pretrained(tiny_ckpt, device="cpu")
+    assert model.device.type == "cpu"

@@ -283,7 +283,7 @@ class RecipeConfig:
     # overrides set data.<field>
     data: dict[str, Any] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)  # {stage: PRESET, overrides: {...}}
-    eval: dict[str, Any] = field(default_factory=dict)  # {tasks: SUITE, batch_size: N, limit: N}
+    eval: dict[str, Any] = field(default_factory=dict)  # {tasks: SUITE, batch_size: N, limit: N, device: auto}
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -298,15 +298,22 @@ class RecipeConfig:
 
     def _check_eval(self) -> None:
         """The evaluation section too: an unknown key or task fails at load, not after the training."""
-        unknown = sorted(set(self.eval) - {"tasks", "batch_size", "limit"})
+        unknown = sorted(set(self.eval) - {"tasks", "batch_size", "limit", "device"})
         if unknown:
-            raise ConfigError(f"recipe {self.name}: eval: unknown key(s) {unknown}; allowed: batch_size, limit, tasks")
+            raise ConfigError(
+                f"recipe {self.name}: eval: unknown key(s) {unknown}; allowed: batch_size, device, limit, tasks"
+            )
         for key in ("batch_size", "limit"):
             value = self.eval.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"recipe {self.name}: eval.{key}: must be a positive integer, got {value!r}")
         from unimoe.eval import resolve_tasks
+        from unimoe.inference import resolve_device
 
+        try:
+            resolve_device(self.eval.get("device", "auto"))
+        except ConfigError as err:
+            raise ConfigError(f"recipe {self.name}: eval.{err}") from None
         try:
             resolve_tasks(self.eval.get("tasks", "tiny"))
         except ConfigError as err:

@@ -48,6 +48,15 @@ class StageResult:
     checkpoint: str = ""
     forecast_refit: dict | None = None  # unimoe.generation.refit.RefitReport, when the stage refits the skip
     seconds_before_resume: float = 0.0  # the part of ``seconds`` spent by earlier processes (0: not resumed)
+    device: str = ""  # where it trained (cpu, cuda:0)
+    precision: str = ""  # fp32 or bf16 (autocast)
+
+
+def _device_name(device: torch.device) -> str:
+    """``cuda:0`` rather than accelerate's bare ``cuda``: which GPU a process trained on."""
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return str(device)
 
 
 def refit_forecast(model, processor, stage: StageConfig, data_root: str | Path) -> dict:
@@ -667,6 +676,8 @@ def train_stage(
         checkpoint=str(final) if step >= stage.steps else "",
         forecast_refit=refit,
         seconds_before_resume=round(seconds_before, 2),
+        device=_device_name(accelerator.device),
+        precision="fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision,
     )
     if accelerator.is_main_process:
         # result.json before final/: a stage counts as finished once final/ exists, so a kill between the two

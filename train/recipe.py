@@ -155,8 +155,8 @@ def run_recipe(
         previous = stage_dir / "final"
 
     t0 = time.perf_counter()
-    model, processor = load_pretrained(previous)
     eval_cfg = recipe.eval
+    model, processor = load_pretrained(previous, device=eval_cfg.get("device", "auto"))
     summary = evaluate(
         model,
         processor,

@@ -132,7 +132,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from unimoe.inference import load_pretrained, respond
 
     _quiet_transformers()
-    model, processor = load_pretrained(args.model)
+    model, processor = load_pretrained(args.model, device=args.device)
     reply = respond(
         model,
         processor,
@@ -179,7 +179,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = resolve_tasks(args.tasks, reader_split=args.split)
     if args.split is not None and not any(t.reader for t in tasks):
         raise ConfigError("--split applies to READER:PATH tasks; built-in tasks are scored on their test split")
-    model, processor = load_pretrained(args.model)
+    model, processor = load_pretrained(args.model, device=args.device)
     summary = evaluate(
         model,
         processor,
@@ -278,7 +278,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from unimoe.demo import launch
 
     _quiet_transformers()
-    launch(args.model, host=args.host, port=args.port, share=args.share)
+    launch(args.model, host=args.host, port=args.port, share=args.share, device=args.device)
     return 0
 
 
@@ -362,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ask for this medium instead of letting the model decide")  # fmt: skip
     p.add_argument("--steps", type=_positive_int, default=None, help="diffusion sampling steps (default: the head's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (1 = none)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU if there is one; default)")
     p.set_defaults(func=cmd_chat)
 
     p = sub.add_parser("data", help="build the offline benchmark suite")
@@ -381,6 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive_int, default=8)
     p.add_argument("--limit", type=_positive_int, default=None, help="at most N examples per task")
     p.add_argument("--split", default=None, help="split for READER:PATH tasks (default: the reader's own)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU if there is one; default)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("train", help="run one training stage")
@@ -406,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: the whole network)")
     p.add_argument("--port", type=int, default=None, help="port (default: gradio's, 7860 or the next free one)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU if there is one; default)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("smoke", help="in seconds: build, briefly train, save and reload the tiny model")

@@ -62,15 +62,35 @@ def init_checkpoint(
     )
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """The device to run a model on: ``auto`` (or None) is the GPU where CUDA is available, else the CPU; anything
+    else is checked here so that a wrong name gives one line instead of an error deep inside the first forward."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device: {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {device!r} asked for, but CUDA is not available on this machine")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ConfigError(f"device: {device!r}, but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif resolved.type != "cpu":
+        raise ConfigError(f"device: {device!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return resolved
+
+
 def load_pretrained(path: str | Path, *, device: str | torch.device | None = None, **kwargs: Any):
-    """``(model, processor)`` from a local checkpoint directory or a Hub id (safetensors only)."""
+    """``(model, processor)`` from a local checkpoint directory or a Hub id (safetensors only). ``device``: where the
+    model goes (``auto`` = the GPU if there is one); None leaves it where it was loaded, on the CPU."""
     from transformers import AutoProcessor
 
     from unimoe.hub import load_model
 
     model = load_model(path, **kwargs).eval()
     if device is not None:
-        model = model.to(device)
+        model = model.to(resolve_device(device))
     tokenizer_files = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     if Path(path).is_dir() and not any((Path(path) / name).is_file() for name in tokenizer_files):
         raise CheckpointError(

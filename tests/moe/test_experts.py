@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from unimoe.moe import LoRAExperts, MoEConfig, SparseMoEBlock, SwiGLU, SwiGLUExperts, make_plan
+from unimoe.moe import layer as layer_module
 
 BACKENDS = ["loop", "grouped_mm"]
 
@@ -206,9 +207,9 @@ def test_lora_experts_equal_sum_of_merged_ffns(dispatch):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def run_block(expert_type, dispatch, seed=0, **kw):
+def run_block(expert_type, dispatch, seed=0, padded=False, **kw):
     torch.manual_seed(seed)
-    cfg = MoEConfig(num_experts=5, top_k=3, expert_type=expert_type, dispatch=dispatch, lora_rank=4, **kw)
+    cfg = MoEConfig(num_experts=5, top_k=3, expert_type=expert_type, dispatch=dispatch, **{"lora_rank": 4, **kw})
     block = SparseMoEBlock(cfg, hidden_size=16, intermediate_size=24, modalities=["text"])
     if expert_type == "lora":
         with torch.no_grad():
@@ -216,7 +217,11 @@ def run_block(expert_type, dispatch, seed=0, **kw):
                 getattr(block.experts, name).normal_(std=0.3)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(3, 8, 16, generator=g, requires_grad=True)
-    out = block(x)
+    token_mask = None
+    if padded:  # the last tokens of two rows are padding
+        token_mask = torch.ones(3, 8, dtype=torch.bool)
+        token_mask[0, 5:] = token_mask[2, 7:] = False
+    out = block(x, token_mask=token_mask)
     loss = (out.hidden_states * torch.randn(3, 8, 16, generator=g)).sum() + out.aux_loss + out.z_loss
     loss.backward()
     grads = {n: p.grad for n, p in block.named_parameters() if p.requires_grad}
@@ -248,3 +253,45 @@ def test_experts_with_no_routed_tokens(dispatch):
     plan = make_plan(index, torch.ones(4, 1), torch.zeros(4, 1, dtype=torch.bool), 3)  # nothing computed
     out = experts(x, plan)
     assert out.shape == (4, 8) and (out == 0).all()
+
+
+@pytest.mark.parametrize("expert_type", ["ffn", "lora"])
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"padded": True}, {"num_null_experts": 2}, {"routing": "topp", "top_p": 0.5}, {"capacity_factor": 0.5},
+     {"lora_rank": 3, "padded": True}],
+    ids=["topk", "padded", "null", "topp", "capacity", "unaligned-rank"],  # rank 3 in fp32: grouped_mm's fallback
+)  # fmt: skip
+def test_sync_free_plans_match_trimmed_plans(expert_type, extra, monkeypatch):
+    """The GPU's sync-free plan (every slot kept, uncomputed ones masked) gives what the trimmed plan gives."""
+    ref = run_block(expert_type, "grouped_mm", **extra)
+    monkeypatch.setattr(SparseMoEBlock, "_sync_free", lambda self, x: True)
+    plans = []
+    original = layer_module.make_plan
+    monkeypatch.setattr(layer_module, "make_plan", lambda *a, **k: plans.append(original(*a, **k)) or plans[-1])
+    got = run_block(expert_type, "grouped_mm", **extra)
+    assert plans and all(p.counts is None for p in plans)
+    assert (plans[0].row_mask is None) == (extra == {})  # top-k with nothing padded: every slot computed
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-5, atol=1e-6)
+    for name in ref[2]:
+        torch.testing.assert_close(got[2][name], ref[2][name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_sync_free_plan_masks_padding_and_keeps_every_slot():
+    index = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    computed = torch.tensor([[True, True], [False, False], [True, False]])  # token 1 padded, one dropped slot
+    weight = torch.full((3, 2), 0.5)
+    plan = make_plan(index, weight, computed, 3, sync_free=True)
+    assert plan.token_index.numel() == 6 and plan.offsets.tolist() == [1, 2, 3]
+    assert plan.row_mask.squeeze(-1).tolist() == [True, True, True, False, False, False]
+    assert plan.weight[3:].tolist() == [0, 0, 0]  # the uncomputed slots weigh nothing
+    assert plan.host_counts() == [1, 1, 1, 3]
+    with pytest.raises(ValueError, match="trimmed plan"):
+        plan.token_chunks()
+    x = torch.randn(3, 8, requires_grad=True)
+    experts = SwiGLUExperts(num_experts=3, hidden_size=8, intermediate_size=16, dispatch="grouped_mm")
+    trimmed = make_plan(index, weight, computed, 3)
+    out = experts(x, plan)
+    torch.testing.assert_close(out, experts(x, trimmed))
+    assert (out[1] == 0).all()

@@ -100,6 +100,7 @@ def test_impossible_stage_numbers_fail_at_load(overrides, message):
         ({"tasks": "bogus"}, r"recipe small: eval.tasks: unknown task or suite 'bogus'"),
         ({"tasks": "text_qa", "limt": 3}, r"recipe small: eval: unknown key\(s\) \['limt'\]"),
         ({"tasks": "text_qa", "batch_size": 0}, r"recipe small: eval.batch_size: must be a positive integer, got 0"),
+        ({"tasks": "text_qa", "device": "gpu0"}, r"recipe small: eval.device: 'gpu0' is not a device"),
     ],
 )
 def test_recipe_eval_section_is_validated_at_load(tmp_path, section, message):

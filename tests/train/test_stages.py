@@ -80,6 +80,8 @@ def test_every_stage_smoke_runs(stage, init_ckpt, train_data, tmp_path):
                           if stage == "align" else {}))  # fmt: skip
     result = train_stage(cfg, init=init_ckpt, out_dir=tmp_path, data_root=train_data, progress=False)
     assert result.steps == 3 and result.checkpoint
+    cuda = torch.cuda.is_available()
+    assert (result.device, result.precision) == (("cuda:0", "bf16") if cuda else ("cpu", "fp32"))
     log = [json.loads(x) for x in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in log)

@@ -19,8 +19,10 @@ from unimoe.moe.dispatch import (
     DispatchPlan,
     combine,
     gather_chunks,
+    gather_slots,
     grouped_linear,
     scatter_chunks,
+    scatter_slots,
     use_grouped_mm,
 )
 from unimoe.registry import Registry
@@ -93,7 +95,7 @@ class SwiGLUExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         if use_grouped_mm(self.dispatch, x):
-            xs = x.index_select(0, plan.token_index)  # (N, H): backward is an index_add
+            xs = gather_slots(x, plan)  # (N, H)
             gate, up = grouped_linear(xs, self.gate_up_proj, plan, True).chunk(2, dim=-1)  # (N, I) each
             out = grouped_linear(self.act_fn(gate) * up, self.down_proj, plan, True)  # (N, H)
             return combine(out, plan)
@@ -302,17 +304,14 @@ class LoRAExperts(nn.Module):
         """All slots at once through grouped products: the mixed intermediate ``(T, I)`` and the down delta
         ``(T, H)``."""
         r, s = self.rank, self.scaling
-        idx = plan.token_index
-        a = grouped_linear(x.index_select(0, idx), self.lora_A_gate_up, plan, True) * s  # (N, 2r)
-        gate_e = gate.index_select(0, idx) + grouped_linear(a[:, :r].contiguous(), self.lora_B_gate, plan, True)
-        up_e = up.index_select(0, idx) + grouped_linear(a[:, r:].contiguous(), self.lora_B_up, plan, True)
+        a = grouped_linear(gather_slots(x, plan), self.lora_A_gate_up, plan, True) * s  # (N, 2r)
+        gate_e = gather_slots(gate, plan) + grouped_linear(a[:, :r].contiguous(), self.lora_B_gate, plan, True)
+        up_e = gather_slots(up, plan) + grouped_linear(a[:, r:].contiguous(), self.lora_B_up, plan, True)
         hidden_e = self.act_fn(gate_e) * up_e  # (N, I)
         down_delta = s * grouped_linear(grouped_linear(hidden_e, self.lora_A_down, plan, True), self.lora_B_down,
                                         plan, True)  # fmt: skip
         w = plan.weight.to(x.dtype).unsqueeze(-1)  # (N, 1)
-        if base is None:
-            base = gate.new_zeros(gate.shape)
-        return base.index_add(0, idx, hidden_e * w), combine(down_delta, plan)
+        return scatter_slots(hidden_e * w, plan, base), combine(down_delta, plan)
 
     def _forward_loop(self, x, gate, up, base, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """The same sums one expert chunk at a time through autograd (activations other than SiLU; SiLU takes

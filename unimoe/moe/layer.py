@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from unimoe.moe.config import MoEConfig
-from unimoe.moe.dispatch import make_plan
+from unimoe.moe.dispatch import make_plan, use_grouped_mm
 from unimoe.moe.experts import EXPERTS, SwiGLU
 from unimoe.moe.losses import (
     RouterStats,
@@ -149,12 +149,16 @@ class SparseMoEBlock(nn.Module):
                 modality_loss = modality_routing_loss(routing.probs, mods, self.modality_target, mask)
 
         routing, dropped = apply_capacity(routing, num_experts=self.num_experts, capacity_factor=cfg.capacity_factor)
+        every_slot = (mask is None and cfg.num_null_experts == 0 and cfg.capacity_factor is None
+                      and (cfg.routing == "topk" or cfg.top_p >= 1.0))  # fmt: skip
         plan = make_plan(
             routing.expert_index,
             routing.weight,
             routing.computed_mask(self.num_experts),
             self.num_experts,
             weights_sum_to_one=cfg.weights_sum_to_one,
+            sync_free=self._sync_free(x),
+            all_computed=every_slot,
         )
         out = self.experts(x, plan)  # (T, H)
 
@@ -199,6 +203,7 @@ class SparseMoEBlock(nn.Module):
             self.num_experts,
             # one expert at weight 1 (padding: 0, and its output is never read); a group's weights sum to G
             weights_sum_to_one=group == 1,
+            sync_free=self._sync_free(x),  # (no all_computed promise: forced ids are not checked here)
         )
         out = self.experts(x, plan)
         if self.shared_experts is not None:
@@ -216,6 +221,11 @@ class SparseMoEBlock(nn.Module):
         zero = x.new_zeros((), dtype=torch.float32)
         return MoEOutput(out.view(*shape), aux_loss=zero, z_loss=zero, modality_loss=zero,
                          stats=stats if output_stats else None)  # fmt: skip
+
+    def _sync_free(self, x: torch.Tensor) -> bool:
+        """grouped_mm on a GPU takes the plan without a host sync; the loop (and the CPU, where a sync costs
+        nothing) takes the trimmed plan, which skips the uncomputed slots' rows altogether."""
+        return x.is_cuda and use_grouped_mm(self.config.dispatch, x)
 
     @torch.no_grad()
     def update_router_bias(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
