@@ -87,24 +87,13 @@ def make_plan(
     counts_t = torch.zeros(num_experts + 1, dtype=torch.long, device=flat.device)
     counts_t = counts_t.index_add_(0, flat, torch.ones_like(flat))[:num_experts]
     offsets = counts_t.cumsum(0).to(torch.int32)
-    if sync_free:
-        row_mask = None
-        if not all_computed:
-            weight = torch.where(computed, weight, 0)
-            row_mask = (torch.arange(flat.numel(), device=flat.device) < offsets[-1]).unsqueeze(-1)
-        return DispatchPlan(
-            token_index=order // k,
-            slot_index=order,
-            weight=weight.reshape(-1).index_select(0, order),
-            counts=None,
-            offsets=offsets,
-            num_tokens=num_tokens,
-            slots_per_token=k,
-            weights_sum_to_one=weights_sum_to_one,
-            row_mask=row_mask,
-        )
-    counts = counts_t.tolist()  # the one host sync of the layer
-    order = order[: sum(counts)]
+    counts, row_mask = None, None
+    if not sync_free:
+        counts = counts_t.tolist()  # the one host sync of the layer
+        order = order[: sum(counts)]
+    elif not all_computed:
+        weight = torch.where(computed, weight, 0)
+        row_mask = (torch.arange(flat.numel(), device=flat.device) < offsets[-1]).unsqueeze(-1)
     return DispatchPlan(
         token_index=order // k,
         slot_index=order,
@@ -114,6 +103,7 @@ def make_plan(
         num_tokens=num_tokens,
         slots_per_token=k,
         weights_sum_to_one=weights_sum_to_one,
+        row_mask=row_mask,
     )
 
 
@@ -169,10 +159,10 @@ def combine(slot_outputs: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
 
 
 # Moving rows between tokens and slots. Why by hand: ``x.index_select(0, token_index)`` has an ``index_add`` for its
-# backward, and so does summing the slots back with ``index_add``: atomic adds, which on a GPU in bf16 took 30% of an
-# E64-top8 layer's forward + backward (H100, 16k tokens). Every slot has its own row in the token-major ``(T * k)``
-# order, so a slot's row can be *written* there (``index_copy_``, no two writes to one row) and a token's k rows
-# summed by a plain reduction.
+# backward, and so does summing the slots back with ``index_add``: atomic adds, which on a GPU in bf16 took ~30% of
+# the kernel time of an E64-top8 layer's forward + backward (H100, 16k tokens), and their order of additions varies
+# from run to run. Every slot has its own row in the token-major ``(T * k)`` order, so a slot's row can be *written*
+# there (``index_copy_``, no two writes to one row) and a token's k rows summed by a plain reduction.
 def _slots_to_tokens(rows: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """Sum each token's slot rows: ``(N, D)`` sorted by expert -> ``(T, D)`` (slots that were not computed add 0)."""
     t, k = plan.num_tokens, plan.slots_per_token
