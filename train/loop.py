@@ -43,7 +43,7 @@ class StageResult:
     final_loss: float
     seconds: float  # training-loop time over every process that trained the stage (a kill's lost steps excluded)
     tokens_per_second: float
-    peak_memory_mb: float
+    peak_memory_mb: float  # the stage's peak: resident memory on a CPU, allocated GPU memory on CUDA
     trainable_parameters: dict[str, int] = field(default_factory=dict)
     checkpoint: str = ""
     forecast_refit: dict | None = None  # unimoe.generation.refit.RefitReport, when the stage refits the skip

@@ -449,6 +449,9 @@ def test_peak_memory_is_the_stages_own(init_ckpt, train_data, tmp_path):
     at_start = resident_mb()
     result = train_stage(small("align", forced_expert=0, trainable={"connectors": True}), init=init_ckpt,
                          out_dir=tmp_path, data_root=train_data, progress=False)  # fmt: skip
+    if torch.cuda.is_available():  # the GPU's peak allocation, which the host memory above never reached
+        assert 0 < result.peak_memory_mb < 1_000
+        return
     # the process peaked 2.5 GB above where the stage started; the tiny stage itself adds far less than 1 GB
     assert at_start <= result.peak_memory_mb < at_start + 1_000
 
