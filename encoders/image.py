@@ -1,6 +1,6 @@
 """Image encoders: ViT patch tokens from timm or open_clip (``vit``: a chosen layer, prefix/CLS tokens dropped), and a
 small convolutional network with max-pooled grid tokens for encoders trained from scratch (``image_conv``; the
-offline recipes use it: ``digits_cls`` 0.872 -> 0.975 in the full ``tiny`` recipe, README "Results").
+offline recipes use it: ``digits_cls`` 0.872 -> 0.975 in the full ``tiny`` recipe, docs/results.md).
 
 ``conv_stem: [C1, ..., Cn]`` (timm backend) replaces the ViT's patch embedding by a stack of ``n`` 3x3 stride-2
 convolutions (timm's ``ConvStem``: LayerNorm2d + GELU between them) and timm's ``HybridEmbed`` projection, so
@@ -10,7 +10,7 @@ trained from scratch on little data. Measured on ``digits_cls`` (1,295 training 
 width 64 and depth 2, mean-pooled tokens + a linear classifier, lr 5e-4, batch 32): test accuracy 0.72 / 0.86
 after 300 / 1,000 steps with the patch-8 stem, 0.92 / 0.94 with ``conv_stem: [16, 32, 64]``. Not in the ``tiny``
 preset: in the full offline recipe (one run) the LLM read digits far worse through it (``digits_cls`` 0.15 after
-align against 0.83; README, "Results").
+align against 0.83; docs/results.md).
 """
 
 from __future__ import annotations
@@ -320,7 +320,7 @@ class ImageConvEncoder(MediaEncoder):
     """Why a hand-written network: timm's CNNs (ResNet, ConvNeXt, EfficientNet) start at millions of parameters and
     expect 224 px inputs, and nothing pretrained can be loaded offline. The small images of the offline suite need
     the convolution's inductive bias — one filter at every position and a maximum over positions, so a digit or a
-    shape is recognised wherever it sits — which the from-scratch ViT learns only slowly (README, "Results"). The
+    shape is recognised wherever it sits — which the from-scratch ViT learns only slowly (docs/results.md). The
     2D counterpart of the ``video_conv`` encoder."""
 
     modality = "image"

@@ -370,7 +370,7 @@ def canonical_pose(points: torch.Tensor, features: str = "xyz") -> torch.Tensor:
     same coordinates, up to the sign of an axis along which the cloud is symmetric and the choice of axes among
     equal variances (a sphere) — the classical PCA pose. A learned encoder no longer has to learn every orientation
     from data: on shapes3d (random rotations), a point encoder with a linear head reached test accuracy 0.98-0.99
-    after 600-800 steps with it and 0.90-0.95 after 600-1000 without (session 20; README, "Results").  # (P, C)"""
+    after 600-800 steps with it and 0.90-0.95 after 600-1000 without (session 20; docs/results.md).  # (P, C)"""
     xyz = points[:, :3].double()
     center = xyz.mean(dim=0)
     centered = xyz - center

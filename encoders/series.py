@@ -439,7 +439,7 @@ class SeriesConvEncoder(SeriesEncoderBase):
     inductive bias — one detector at every time step and a maximum over steps, so a motif (GunPoint's dip before
     the draw) counts wherever it occurs — which fully convolutional networks bring to the UCR archive (Wang et al.
     2017). The patch transformer (``patch_ts``) fitted GunPoint's 45 training series exactly but read its test series
-    at 0.85-0.91 (README, "Results"). The 1D counterpart of ``image_conv``; loading and normalization are shared with
+    at 0.85-0.91 (docs/results.md). The 1D counterpart of ``image_conv``; loading and normalization are shared with
     ``patch_ts`` (``SeriesEncoderBase``)."""
 
     Config = SeriesConvEncoderConfig

@@ -146,7 +146,7 @@ class StageConfig:
     lr_multipliers: dict[str, float] = field(default_factory=dict)
     # parts (or one modality of a part: encoders.video) held frozen for the first N steps of the stage, then trained
     # ({encoders: 600}): the decoder first learns to read the from-scratch encoders' random but item-dependent tokens
-    # before the encoders may adapt (see the tiny recipe's align stage and the README).
+    # before the encoders may adapt (see the tiny recipe's align stage and docs/results.md).
     frozen_steps: dict[str, int] = field(default_factory=dict)
     # {task: ts_forecast, alphas: [...]}: refit the forecasting head's linear skip by ridge regression when the stage
     # ends (ForecastRefitSpec); None: off

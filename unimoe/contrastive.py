@@ -4,7 +4,7 @@ embedding of its text answer, next to the language-modelling loss (``UniMoEForCo
 
 Like the image-text contrastive objective of ALBEF / BLIP-2's first stage, it gives the encoders and connectors a
 direct signal of what an item is about; the language-modelling gradient reaches them only through the decoder.
-Measured: see the tiny recipe and the README ("Results", session 16).
+Measured: see the tiny recipe and docs/results.md (session 16).
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The head's point forecast is ``mlp(queries) + sum_k gate_k(queries) * (window @ 
 :class:`~unimoe.generation.heads.LinearForecasters`). With the LLM, the MLP and the gate held as trained, the forecast
 is linear in the skip's weights, so the weights that fit the training windows best are one ridge regression away —
 where SGD, sharing a few thousand steps with every other task, leaves them short of it (the trained tiny model's
-forecasts scored MASE 0.68-1.05 over runs; a per-series ridge on the raw lags scores 0.639, README "Results").
+forecasts scored MASE 0.68-1.05 over runs; a per-series ridge on the raw lags scores 0.639, docs/results.md).
 
 Two more kinds of candidate are tried beside the trained gate and the full MLP path, because trained models showed
 both to be what held the skip back:
