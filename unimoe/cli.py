@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from unimoe.errors import ConfigError, UniMoEError
 
@@ -22,8 +23,6 @@ def _int_list(text: str) -> list[int]:
 
 # ----------------------------------------------------------------------------- handlers
 def cmd_info(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from unimoe.presets import list_presets
 
     if args.model is None:
@@ -210,11 +209,14 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
     """Run ``unimoe ARGV`` in ``nproc`` processes with torchrun's launcher, in this process: a failed process
     prints its own one-line error, and torchrun's agent logs and ``ChildFailedError`` traceback are replaced by one
     line with the first failure's exit status (2 for a bad input, as in one process) or the signal that killed it
-    (a process killed by the kernel, e.g. for memory, prints nothing itself). Ctrl-C stops every process and exits
-    130, as in one process. Without ``OMP_NUM_THREADS`` each process gets an equal share of the cores (torchrun
-    would set 1 and print a warning about it)."""
+    (a process killed by the kernel, e.g. for memory, prints nothing itself). An error several processes hit alike
+    (a checkpoint that every one of them fails to load) is printed once: the processes leave their error lines in a
+    folder of this launch (``ERRORS_ENV``) and this process prints each distinct line. Ctrl-C stops every process and
+    exits 130, as in one process. Without ``OMP_NUM_THREADS`` each process gets an equal share of the cores
+    (torchrun would set 1 and print a warning about it)."""
     import logging
     import signal
+    import tempfile
 
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -224,21 +226,32 @@ def _torchrun(nproc: int, argv: list[str]) -> int:
                                            "--master_port", str(_free_port()), "-m", "unimoe.cli", *argv])  # fmt: skip
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    try:
-        run(launch)
-    except ChildFailedError as err:
-        rank, first = err.get_first_failure()
-        ranks = ", ".join(str(r) for r in sorted(err.failures))
-        if first.exitcode > 0:
-            code, how = first.exitcode, f"exit status {first.exitcode}; see above"
-        else:  # killed by a signal: the process had no chance to say why
-            code, how = 1, f"process {rank} killed by {first.signal_name()}, e.g. out of memory"
-        print(f"unimoe {argv[0]}: process(es) {ranks} of {nproc} failed ({how})", file=sys.stderr)
-        return code
-    except SignalException as err:  # torchrun's handlers turn Ctrl-C / SIGTERM into this, after stopping the workers
-        print(f"unimoe {argv[0]}: interrupted", file=sys.stderr)
-        return 130 if err.sigval == signal.SIGINT else 128 + int(err.sigval)
+    with tempfile.TemporaryDirectory(prefix="unimoe-errors-") as errors:
+        os.environ[ERRORS_ENV] = errors  # the processes inherit it
+        try:
+            run(launch)
+        except ChildFailedError as err:
+            rank, first = err.get_first_failure()
+            ranks = ", ".join(str(r) for r in sorted(err.failures))
+            lines = [f.read_text().strip() for f in sorted(Path(errors).glob("rank-*.txt"), key=_rank_of)]
+            for line in dict.fromkeys(line for line in lines if line):  # distinct, in rank order
+                print(line, file=sys.stderr)
+            if first.exitcode > 0:
+                code, how = first.exitcode, f"exit status {first.exitcode}; see above"
+            else:  # killed by a signal: the process had no chance to say why
+                code, how = 1, f"process {rank} killed by {first.signal_name()}, e.g. out of memory"
+            print(f"unimoe {argv[0]}: process(es) {ranks} of {nproc} failed ({how})", file=sys.stderr)
+            return code
+        except SignalException as err:  # torchrun's handlers turn Ctrl-C / SIGTERM into this, after stopping workers
+            print(f"unimoe {argv[0]}: interrupted", file=sys.stderr)
+            return 130 if err.sigval == signal.SIGINT else 128 + int(err.sigval)
+        finally:
+            os.environ.pop(ERRORS_ENV, None)
     return 0
+
+
+def _rank_of(path: Path) -> int:
+    return int(path.stem.removeprefix("rank-"))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -419,6 +432,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+ERRORS_ENV = "UNIMOE_TORCHRUN_ERRORS"  # set by ``unimoe train --nproc N`` for its processes (see ``_torchrun``)
+
+
+def _report_error(line: str) -> None:
+    """Print a one-line error; a process started by ``unimoe train --nproc N`` leaves it for the launcher instead,
+    which prints each distinct line once."""
+    _close_progress_bars()
+    errors, rank = os.environ.get(ERRORS_ENV), os.environ.get("RANK")
+    if errors and rank is not None and Path(errors).is_dir():
+        (Path(errors) / f"rank-{int(rank)}.txt").write_text(line + "\n")
+        return
+    print(line, file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -432,15 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except UniMoEError as err:
-        _close_progress_bars()
-        print(f"unimoe {args.command}: error: {err}", file=sys.stderr)
+        _report_error(f"unimoe {args.command}: error: {err}")
         return 2
     except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as err:
-        _close_progress_bars()
         # an output path that is a file, a file where a folder is needed, no write access: the path is the message
         problem = "exists and is not a directory" if isinstance(err, FileExistsError) else err.strerror or str(err)
         where = f"{err.filename}: " if err.filename else ""
-        print(f"unimoe {args.command}: error: {where}{problem}", file=sys.stderr)
+        _report_error(f"unimoe {args.command}: error: {where}{problem}")
         return 2
     except KeyboardInterrupt:
         print(f"unimoe {args.command}: interrupted", file=sys.stderr)
