@@ -206,14 +206,14 @@ def _free_port() -> int:
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:
-    """Run ``unimoe ARGV`` in ``nproc`` processes with torchrun's launcher, in this process: a failed process
-    prints its own one-line error, and torchrun's agent logs and ``ChildFailedError`` traceback are replaced by one
-    line with the first failure's exit status (2 for a bad input, as in one process) or the signal that killed it
-    (a process killed by the kernel, e.g. for memory, prints nothing itself). An error several processes hit alike
-    (a checkpoint that every one of them fails to load) is printed once: the processes leave their error lines in a
-    folder of this launch (``ERRORS_ENV``) and this process prints each distinct line. Ctrl-C stops every process and
-    exits 130, as in one process. Without ``OMP_NUM_THREADS`` each process gets an equal share of the cores
-    (torchrun would set 1 and print a warning about it)."""
+    """Run ``unimoe ARGV`` in ``nproc`` processes with torchrun's launcher, in this process. A failed process's
+    one-line error is printed once however many processes hit it (a checkpoint that none of them can load): the
+    processes leave their lines in a folder of this launch (``ERRORS_ENV``) and this process prints each distinct
+    one. torchrun's agent logs and ``ChildFailedError`` traceback are replaced by one line with the first failure's
+    exit status (2 for a bad input, as in one process) or the signal that killed it (a process killed by the
+    kernel, e.g. for memory, prints nothing itself). Ctrl-C stops every process and exits 130, as in one process.
+    Without ``OMP_NUM_THREADS`` each process gets an equal share of the cores (torchrun would set 1 and print a
+    warning about it)."""
     import logging
     import signal
     import tempfile
