@@ -11,6 +11,8 @@ from pathlib import Path
 
 from unimoe.errors import ConfigError, UniMoEError
 
+ERRORS_ENV = "UNIMOE_TORCHRUN_ERRORS"  # set by ``unimoe train --nproc N`` for its processes (see ``_torchrun``)
+
 Handler = Callable[[argparse.Namespace], int | None]
 
 
@@ -430,9 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_smoke)
     return parser
-
-
-ERRORS_ENV = "UNIMOE_TORCHRUN_ERRORS"  # set by ``unimoe train --nproc N`` for its processes (see ``_torchrun``)
 
 
 def _report_error(line: str) -> None:
