@@ -139,7 +139,7 @@ class StageConfig:
     # the tasks whose samples it uses (None: every sample with media and a text answer). The loss assumes the answer
     # describes the item (a label, a transcript); a VQA answer depends on the question as much as on the image.
     media_text_tasks: list[str] | None = None
-    collapse_threshold: float = 0.9  # warn when one expert takes more than this share of a layer's slots
+    collapse_threshold: float = 0.9  # warn when top_k experts take more than this share of a layer's slots
     # per-part learning-rate factors ({encoders: 5.0}): from-scratch encoders and connectors need a larger step than
     # the decoder they feed, or the decoder learns to ignore their still-uninformative tokens (see the tiny recipe).
     # The per-modality parts also take one modality ({encoders.video: 0.25}), which wins over the part's factor.

@@ -183,8 +183,13 @@ def copy_expert_to_all(model, sources: int | list[int]) -> None:
 
 
 # ----------------------------------------------------------------------------- routing metrics
-def routing_metrics(stats, modalities: list[str], num_experts: int) -> dict[str, float]:
-    """Per-modality load entropy (normalized to [0, 1]) and max expert share, plus layer averages."""
+def routing_metrics(stats, modalities: list[str], num_experts: int, top_k: int = 1) -> dict[str, float]:
+    """Per-modality load entropy (normalized to [0, 1]) and max expert share, plus layer averages.
+
+    Shares are of a layer's routed slots (a token picks ``top_k`` of them), so one expert holds at most ``1 / top_k``
+    of a top-k layer. ``router/top_k_share`` is the most any ``top_k`` experts hold in one layer: 1.0 when every
+    token goes to the same ``top_k`` experts (a collapsed router), ``top_k / num_experts`` when the load is even.
+    """
     out: dict[str, float] = {}
     if not stats:
         return out
@@ -202,9 +207,18 @@ def routing_metrics(stats, modalities: list[str], num_experts: int) -> dict[str,
         out[f"router/{name}/max_expert_share"] = float(share[:, :num_experts].max(-1).values.mean())
     total = per_mod.sum(1)
     total_share = total / total.sum(-1, keepdim=True).clamp_min(1e-9)
-    max_share = float(total_share[:, :num_experts].max())
-    out["router/max_expert_share"] = max_share
+    routed = total_share[:, :num_experts]  # (L, E) without null experts
+    out["router/max_expert_share"] = float(routed.max())
+    out["router/top_k_share"] = float(routed.topk(min(top_k, num_experts), dim=-1).values.sum(-1).max())
     return out
+
+
+def router_collapsed(record: dict, num_experts: int, top_k: int, threshold: float) -> bool:
+    """Whether one layer sends more than ``threshold`` of its slots to only ``top_k`` experts.
+
+    Never with ``num_experts <= top_k``: there every token uses every expert (a dense model has one).
+    """
+    return num_experts > top_k and record.get("router/top_k_share", 0.0) > threshold
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -429,6 +443,7 @@ class _Holds:
 
 def _step_record(step: int, loss: float, outputs, lr: float, tokens_per_second: float, model_config) -> dict:
     """One line of the training log: the loss and its named parts, the learning rate, throughput and routing."""
+    moe = model_config.moe_config
     return {
         "step": step,
         "loss": loss,
@@ -443,7 +458,7 @@ def _step_record(step: int, loss: float, outputs, lr: float, tokens_per_second: 
         },
         "lr": lr,
         "tokens_per_second": tokens_per_second,
-        **routing_metrics(outputs.router_stats, list(model_config.modalities), model_config.moe_config.num_experts),
+        **routing_metrics(outputs.router_stats, list(model_config.modalities), moe.num_experts, moe.top_k),
     }
 
 
@@ -609,10 +624,12 @@ def train_stage(
         if log_now:
             record = _step_record(step, loss, outputs, scheduler.get_last_lr()[0] / first_factor,
                                   tokens / max(elapsed, 1e-9), core.config)  # fmt: skip
-            if forced is None and record.get("router/max_expert_share", 0) > stage.collapse_threshold:
+            moe = core.config.moe_config
+            if forced is None and router_collapsed(record, moe.num_experts, moe.top_k, stage.collapse_threshold):
+                few = "one expert takes" if moe.top_k == 1 else f"{moe.top_k} of {moe.num_experts} experts take"
                 warnings.warn(
-                    f"stage {stage.name} step {step}: router collapse — one expert takes "
-                    f"{record['router/max_expert_share']:.0%} of a layer's tokens",
+                    f"stage {stage.name} step {step}: router collapse — {few} "
+                    f"{record['router/top_k_share']:.0%} of a layer's routed slots",
                     stacklevel=1,
                 )
                 record["warning"] = "router_collapse"

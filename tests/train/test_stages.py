@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from unimoe.errors import CheckpointError, ConfigError
 from unimoe.train import list_recipes, list_stage_presets, load_recipe, load_stage, train_stage
 from unimoe.train.freeze import apply_trainable, param_groups, part_of
-from unimoe.train.loop import STATE_FILE, latest_checkpoint, routing_metrics
+from unimoe.train.loop import STATE_FILE, latest_checkpoint, router_collapsed, routing_metrics
 
 TASKS = ["text_qa", "digits_cls"]
 
@@ -352,16 +352,38 @@ def test_stage_trains_with_lr_multipliers_and_logs_the_base_rate(init_ckpt, trai
     assert log[-1]["lr"] == pytest.approx(cfg.lr)
 
 
-def test_router_collapse_is_flagged():
+def _stats(load_per_modality: list[list[float]]):
     from unimoe.moe.losses import RouterStats
 
-    load = torch.tensor([[0.0, 0.0], [98.0, 2.0]]).T  # 2 modalities x 2 experts: text all on expert 0
-    stats = RouterStats(load=load.sum(0), load_per_modality=torch.tensor([[98.0, 2.0], [0.0, 0.0]]),
-                        dropped=torch.tensor(0.0), null_share=torch.tensor(0.0), entropy=torch.tensor(0.1),
-                        num_tokens=torch.tensor(50.0))  # fmt: skip
-    metrics = routing_metrics([stats], ["text", "image"], num_experts=2)
+    per_mod = torch.tensor(load_per_modality)  # (modalities, experts)
+    zero = torch.tensor(0.0)
+    return RouterStats(load=per_mod.sum(0), load_per_modality=per_mod, dropped=zero, null_share=zero,
+                       entropy=torch.tensor(0.1), num_tokens=torch.tensor(50.0))  # fmt: skip
+
+
+def test_router_collapse_is_flagged():
+    # top-1: text all on expert 0
+    metrics = routing_metrics([_stats([[98.0, 2.0], [0.0, 0.0]])], ["text", "image"], num_experts=2)
     assert metrics["router/max_expert_share"] == pytest.approx(0.98)
     assert metrics["router/text/max_expert_share"] == pytest.approx(0.98)
+    assert metrics["router/top_k_share"] == pytest.approx(0.98)
+    assert router_collapsed(metrics, num_experts=2, top_k=1, threshold=0.9)
+    # top-2 of 4: one expert holds at most half of the slots, so the warning looks at the two busiest experts
+    collapsed = routing_metrics([_stats([[50.0, 48.0, 1.0, 1.0]])], ["text"], num_experts=4, top_k=2)
+    assert collapsed["router/max_expert_share"] == pytest.approx(0.5)
+    assert collapsed["router/top_k_share"] == pytest.approx(0.98)
+    assert router_collapsed(collapsed, num_experts=4, top_k=2, threshold=0.9)
+    even = routing_metrics([_stats([[26.0, 25.0, 25.0, 24.0]])], ["text"], num_experts=4, top_k=2)
+    assert even["router/top_k_share"] == pytest.approx(0.51)
+    assert not router_collapsed(even, num_experts=4, top_k=2, threshold=0.9)
+    # the worst layer counts; a null expert (columns past num_experts) is no routed expert to collapse onto
+    layers = [_stats([[26.0, 25.0, 25.0, 24.0, 0.0]]), _stats([[1.0, 97.0, 1.0, 1.0, 0.0]])]
+    assert routing_metrics(layers, ["text"], num_experts=4, top_k=2)["router/top_k_share"] == pytest.approx(0.98)
+    skipping = routing_metrics([_stats([[1.0, 1.0, 0.0, 0.0, 98.0]])], ["text"], num_experts=4, top_k=2)
+    assert skipping["router/top_k_share"] == pytest.approx(0.02)
+    # one expert (a dense model) or top_k == num_experts: every token uses every expert, nothing can collapse
+    dense = routing_metrics([_stats([[100.0]])], ["text"], num_experts=1, top_k=1)
+    assert dense["router/top_k_share"] == 1.0 and not router_collapsed(dense, num_experts=1, top_k=1, threshold=0.9)
 
 
 def test_lora_experts_base_stays_its_own_part_inside_peft():
