@@ -85,3 +85,32 @@ def test_forecast_refit_bench_scores_a_checkpoint_before_and_after_without_chang
     assert refit["gate"] in ("trained", "series") and refit["validation_mase_after"] < refit["validation_mase_before"]
     assert run["after"]["all"] != run["before"]["all"]
     assert digest() == before
+
+
+@pytest.mark.parametrize("recipe", ["dense", "tiny"])
+def test_modality_group_recipes_scale_steps_by_the_groups_share_and_validate(tmp_path, recipe):
+    import yaml
+    from modality_groups import GROUPS, group_recipe
+
+    from unimoe.train.config import load_recipe
+
+    base = yaml.safe_load((ROOT / "configs" / "recipes" / f"{recipe}.yaml").read_text())
+    weights = base["data"]["weights"]
+    image, share = group_recipe(base, GROUPS["image"])
+    assert share == pytest.approx(sum(weights[t] for t in GROUPS["image"]) / sum(weights.values()))
+    assert image["data"]["tasks"] == GROUPS["image"] and set(image["data"]["weights"]) == set(GROUPS["image"])
+    assert image["eval"]["tasks"] == GROUPS["image"]
+    for stage, full in zip(image["stages"], base["stages"]):
+        assert stage["overrides"]["steps"] == round(full["overrides"]["steps"] * share)
+    assert image["data"]["augment"] == {}  # the series augmentation names only ts_classify
+    assert all("forecast_refit" not in s["overrides"] for s in image["stages"])
+    series, _ = group_recipe(base, GROUPS["series"])
+    assert series["data"]["augment"] == base["data"]["augment"]
+    assert any("forecast_refit" in s["overrides"] for s in series["stages"])
+    assert base["data"]["tasks"] != image["data"]["tasks"]  # the base recipe is left as it was
+    for name, data in (("image", image), ("series", series)):  # the code accepts them
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        assert load_recipe(path).data["tasks"] == data["data"]["tasks"]
+    with pytest.raises(SystemExit, match="does not train"):
+        group_recipe(base, ["no_such_task"])
