@@ -174,7 +174,7 @@ class ChatEngine:
                 raise MediaError(
                     path, f"file is {_megabytes(size)}, above the demo's limit of {_megabytes(self.max_file_bytes)}"
                 )
-            modality = guess_modality(path)
+            modality = guess_modality(path, self.input_modalities)
             if modality not in self.input_modalities:
                 takes = ", ".join(self.input_modalities) or "text only"
                 raise MediaError(path, f"this checkpoint has no {modality} encoder (it reads: {takes})")

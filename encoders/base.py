@@ -43,6 +43,8 @@ def npy_problem(err: Exception) -> str:
         return "a .npy of Python objects (e.g. ragged lists), not a numeric array"
     if "pickled" in text or "allow_pickle" in text:
         return "not a .npy array (no NumPy array header; pickled or other data is never loaded)"
+    if isinstance(err, EOFError):
+        return "not a readable .npy array (the file ends before its header does)"
     return f"not a readable .npy array ({text})"
 
 

@@ -136,6 +136,31 @@ def test_guess_modality(tmp_path):
         guess_modality("a.xyzw")
 
 
+def test_guess_modality_tells_a_multichannel_series_from_a_point_cloud(tmp_path):
+    """(N, 3|6|9) arrays are both: a series' rows are ordered in time, a cloud's are not (the suite's BasicMotions
+    series are (100, 6) accelerometer + gyroscope readings, and were read as point clouds before)."""
+    rng = np.random.default_rng(0)
+    t = np.linspace(0, 4 * np.pi, 100)[:, None]
+    series = np.concatenate([np.sin(t * k) for k in (1, 2, 3)] + [np.cos(t * k) for k in (1, 2, 3)], axis=1)
+    series += 0.3 * rng.normal(size=series.shape)  # noisy, as sensors are
+    cloud = rng.normal(size=(1024, 3))
+    cloud /= np.linalg.norm(cloud, axis=1, keepdims=True)  # points on a sphere, in sampling order
+    for name, array in {"series": series, "cloud": cloud, "shuffled": rng.permutation(series)}.items():
+        np.save(tmp_path / f"{name}.npy", array.astype(np.float32))
+    assert guess_modality(tmp_path / "series.npy") == "series"
+    assert guess_modality(tmp_path / "cloud.npy") == "points"
+    assert guess_modality(tmp_path / "shuffled.npy") == "points"  # the same values without their order
+    # a model that reads only one of the two takes that one
+    assert guess_modality(tmp_path / "series.npy", ["text", "points"]) == "points"
+    assert guess_modality(tmp_path / "cloud.npy", ["series"]) == "series"
+    (tmp_path / "empty.npy").write_bytes(b"")
+    with pytest.raises(MediaError, match="empty.npy: file is empty"):
+        guess_modality(tmp_path / "empty.npy")
+    (tmp_path / "cut.npy").write_bytes((tmp_path / "series.npy").read_bytes()[:40])
+    with pytest.raises(MediaError, match="cut.npy: not a readable .npy array"):
+        guess_modality(tmp_path / "cut.npy")
+
+
 def test_feature_cache_is_shared_and_keyed_by_file_and_config(tokenizer, model, tmp_path, monkeypatch):
     """Processors of one process share preprocessed files (a recipe's stages each build one); a changed file, or a
     processor whose encoder settings differ, gets fresh features."""

@@ -134,6 +134,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     _quiet_transformers()
     model, processor = load_pretrained(args.model, device=args.device)
+    if not args.modality:  # a .npy is a point cloud or a series by its contents: say which
+        from unimoe.processing_unimoe import guess_modality
+
+        for path in args.file:
+            if Path(path).suffix.lower() == ".npy":
+                read_as = guess_modality(path, getattr(processor, "modalities", None))
+                print(f"({path}: read as {read_as}; --modality to change)", file=sys.stderr)
     reply = respond(
         model,
         processor,

@@ -105,9 +105,13 @@ def load_pretrained(path: str | Path, *, device: str | torch.device | None = Non
 
 
 def user_message(
-    prompt: str, files: Sequence[str | Path] = (), modalities: Sequence[str | None] | None = None
+    prompt: str,
+    files: Sequence[str | Path] = (),
+    modalities: Sequence[str | None] | None = None,
+    readable: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """One user turn: the media files (modality from the suffix unless given), then the prompt."""
+    """One user turn: the media files, then the prompt. A file's modality is ``modalities``' entry, or guessed from
+    the file (:func:`~unimoe.processing_unimoe.guess_modality`, among ``readable``, the modalities the model reads)."""
     from unimoe.processing_unimoe import guess_modality
 
     modalities = list(modalities or [None] * len(files))
@@ -115,7 +119,7 @@ def user_message(
         raise ConfigError("--modality: give one for all files or one per file")
     if len(modalities) == 1 and len(files) > 1:
         modalities = modalities * len(files)
-    content = [{"type": m or guess_modality(path), "path": str(path)} for path, m in zip(files, modalities)]
+    content = [{"type": m or guess_modality(path, readable), "path": str(path)} for path, m in zip(files, modalities)]
     content.append({"type": "text", "text": prompt})
     return {"role": "user", "content": content}
 
@@ -142,7 +146,7 @@ def respond(
     return generate_multimodal(
         model,
         processor,
-        [user_message(prompt, files, modalities)],
+        [user_message(prompt, files, modalities, getattr(processor, "modalities", None))],
         max_new_tokens=max_new_tokens,
         temperature=temperature,
         seed=seed,
@@ -168,7 +172,7 @@ def chat(
     from unimoe.generation.api import sampling_kwargs
 
     sampling = sampling_kwargs(temperature)
-    message = user_message(prompt, files, modalities)
+    message = user_message(prompt, files, modalities, getattr(processor, "modalities", None))
     inputs = processor([message], add_generation_prompt=True, return_labels=False)
     inputs = inputs.to(model.device)
     if seed is not None:
