@@ -122,3 +122,20 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
     assert main(["chat", str(ckpt), "hi", "--save-dir", str(afile), "--output", "image"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{afile}: exists and is not a directory" in err, err
+
+
+def test_info_on_a_folder_that_is_no_unimoe_checkpoint_is_one_line(dense_qwen2_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    (broken / "model.safetensors").write_bytes((dense_qwen2_dir / "model.safetensors").read_bytes())
+    cases = {
+        tmp_path / "empty": "has no config.json",
+        broken: "broken/config.json: ",
+        dense_qwen2_dir: "is a qwen2 checkpoint, not a UniMoE one (`unimoe upcycle`",
+    }
+    for folder, needle in cases.items():
+        assert main(["info", str(folder)]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert len(lines) == 1 and needle in lines[0], lines

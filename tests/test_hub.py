@@ -183,3 +183,59 @@ def test_missing_local_paths_fail_at_once_hub_ids_go_to_the_hub(tmp_path, monkey
         assert not looks_local(hub_id), hub_id
     with pytest.raises(CheckpointError, match="runs/missing does not exist"):
         load_model("runs/missing")
+
+
+def test_a_cut_short_weights_file_is_one_clear_error(tiny_model, tokenizer, tmp_path):
+    """An interrupted copy or download: CheckpointError naming the file, not safetensors' error deep inside
+    from_pretrained."""
+    save_checkpoint(tiny_model, tmp_path / "ckpt", tokenizer=tokenizer)
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: not a readable safetensors file .*cut short"):
+        check_checkpoint_dir(tmp_path / "ckpt")
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(tmp_path / "ckpt")
+
+
+def test_hub_ids_fail_at_once_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    """No local folder and no Hub: one line within seconds instead of a minute of retries; a Hub id already in the
+    local cache loads from it without asking the Hub."""
+    import huggingface_hub
+
+    import unimoe.hub as hub
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hub, "hub_reachable", lambda: False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(CheckpointError, match="runs/nope: no such local directory, and the Hugging Face Hub"):
+        load_model("runs/nope")  # no runs/ here: it reads as a Hub id
+    assert hub.hub_access("./local") == {}  # local paths never ask the Hub
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}")
+    assert hub.hub_access("org/cached") == {"local_files_only": True}
+    monkeypatch.setattr(hub, "hub_reachable", lambda: True)
+    assert hub.hub_access("org/anything") == {}
+
+
+def test_hub_probe_times_out_instead_of_retrying(monkeypatch):
+    import socket
+
+    import unimoe.hub as hub
+
+    calls = []
+
+    def refuse(address, timeout):
+        calls.append((address, timeout))
+        raise OSError("unreachable")
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    hub.hub_reachable.cache_clear()
+    try:
+        assert hub.hub_reachable() is False
+        assert calls == [(("huggingface.co", 443), hub.HUB_PROBE_TIMEOUT_S)]
+        hub.hub_reachable.cache_clear()
+        monkeypatch.setenv("HTTPS_PROXY", "http://proxy:3128")  # through a proxy the probe says nothing
+        assert hub.hub_reachable() is True and len(calls) == 1
+    finally:
+        hub.hub_reachable.cache_clear()

@@ -41,9 +41,21 @@ def cmd_info(args: argparse.Namespace) -> int:
             raise ConfigError(f"info {args.model}: key=value overrides apply to presets, not to a saved checkpoint")
 
         import unimoe  # noqa: F401
+        from unimoe.configuration_unimoe import UniMoEConfig
+        from unimoe.errors import CheckpointError
+        from unimoe.hub import check_checkpoint_dir
         from unimoe.modeling_unimoe import UniMoEForConditionalGeneration
 
-        config = AutoConfig.from_pretrained(args.model)
+        check_checkpoint_dir(args.model)  # config.json and readable safetensors headers
+        try:
+            config = AutoConfig.from_pretrained(args.model)
+        except (OSError, ValueError) as err:  # invalid JSON, an unknown model_type
+            raise CheckpointError(f"{args.model}/config.json: {str(err).strip().splitlines()[0]}") from None
+        if not isinstance(config, UniMoEConfig):
+            raise CheckpointError(
+                f"{args.model} is a {config.model_type} checkpoint, not a UniMoE one "
+                "(`unimoe upcycle` turns a dense Qwen2/Llama checkpoint into one)"
+            )
         with torch.device("meta"):
             model = UniMoEForConditionalGeneration(config)
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from collections.abc import Sequence
@@ -221,7 +222,22 @@ def check_checkpoint_dir(path: str | Path) -> Path:
         pickles = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
         hint = f" (found {', '.join(pickles)}: pickled weights are never loaded)" if pickles else ""
         raise CheckpointError(f"checkpoint {path} has no .safetensors weights{hint}")
+    for weights in sorted(path.glob("*.safetensors")):
+        check_safetensors(weights)
     return path
+
+
+def check_safetensors(path: Path) -> None:
+    """Read a safetensors file's header (not its tensors): a file cut short by an interrupted copy or download fails
+    here with one line naming it, instead of deep inside ``from_pretrained``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            pass
+    except (SafetensorError, OSError) as err:
+        detail = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable safetensors file ({detail}); was it cut short?") from None
 
 
 def looks_local(path: str | Path) -> bool:
@@ -252,18 +268,65 @@ def check_local_checkpoint(path: str | Path) -> None:
         check_checkpoint_dir(path)
 
 
+#: how long :func:`hub_reachable` waits for a TCP connection to the Hub before calling it unreachable
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether a TCP connection to the Hub endpoint (``HF_ENDPOINT``) opens within ``HUB_PROBE_TIMEOUT_S``. With a
+    proxy set (``HTTPS_PROXY``) the direct probe says nothing, so the Hub counts as reachable. Probed once a process."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=HUB_PROBE_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def hub_access(path: str | Path) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments for a checkpoint: none for a local directory or a reachable Hub;
+    ``local_files_only`` for a Hub id already in the local cache when the Hub cannot be reached. A Hub id that is
+    neither fails at once with one line (huggingface_hub would otherwise retry for about a minute)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    text = str(path)
+    if looks_local(text) or constants.HF_HUB_OFFLINE or hub_reachable():
+        return {}
+    try:
+        cached = try_to_load_from_cache(text, "config.json")
+    except ValueError:  # not a valid repo id either
+        cached = None
+    if isinstance(cached, str):
+        return {"local_files_only": True}
+    raise CheckpointError(
+        f"checkpoint {text}: no such local directory, and the Hugging Face Hub ({constants.ENDPOINT}) cannot be "
+        "reached to fetch it as a Hub id"
+    )
+
+
 def load_model(path: str | Path, **kwargs: Any):
     """Load a UniMoE (or supported dense) causal LM from a local directory or a Hub id, safetensors only."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     import unimoe  # noqa: F401  (registers the model type)
 
     check_local_checkpoint(path)
-    kwargs.setdefault("use_safetensors", True)
+    kwargs = {"use_safetensors": True, **hub_access(path), **kwargs}
     try:
         return AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except OSError as err:  # Hub id not reachable / not found
         raise CheckpointError(f"could not load {path}: {str(err).splitlines()[0]}") from err
+    except SafetensorError as err:  # a downloaded shard cut short
+        raise CheckpointError(f"could not load {path}: its safetensors weights are unreadable ({err})") from err
     except RuntimeError as err:
         if "mismatched" not in str(err):
             raise

@@ -86,7 +86,7 @@ def load_pretrained(path: str | Path, *, device: str | torch.device | None = Non
     model goes (``auto`` = the GPU if there is one); None leaves it where it was loaded, on the CPU."""
     from transformers import AutoProcessor
 
-    from unimoe.hub import load_model
+    from unimoe.hub import hub_access, load_model
 
     model = load_model(path, **kwargs).eval()
     if device is not None:
@@ -98,7 +98,7 @@ def load_pretrained(path: str | Path, *, device: str | torch.device | None = Non
             "them needs the source model's tokenizer copied in"
         )
     try:
-        processor = AutoProcessor.from_pretrained(str(path))
+        processor = AutoProcessor.from_pretrained(str(path), **hub_access(path))
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path}: no usable processor/tokenizer files ({str(err).splitlines()[0]})") from err
     return model, processor
