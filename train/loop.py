@@ -158,10 +158,15 @@ def prepare_stage_model(model, stage: StageConfig):
     if lora is not None:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(
-            model,
-            LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules),
-        )
+        with warnings.catch_warnings():
+            # peft reads transformers 5's deprecated `is_gradient_checkpointing` (a FutureWarning on every run that
+            # is peft's to fix, not the user's)
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            model = get_peft_model(
+                model,
+                LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                           target_modules=lora.target_modules),
+            )  # fmt: skip
     counts = apply_trainable(model, stage.trainable)
     return model, counts
 

@@ -144,6 +144,8 @@ def _quiet_transformers() -> None:
 def cmd_chat(args: argparse.Namespace) -> int:
     from unimoe.inference import load_pretrained, respond
 
+    if args.output and args.save_dir is None:
+        raise ConfigError(f"--output {args.output}: pass --save-dir DIR to write what is generated")
     _quiet_transformers()
     model, processor = load_pretrained(args.model, device=args.device)
     if not args.modality:  # a .npy is a point cloud or a series by its contents: say which
@@ -182,7 +184,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_data_build(args: argparse.Namespace) -> int:
     from unimoe.data.build import build_suite, check_task_names
 
-    tasks = [t for item in args.tasks for t in item.split(",") if t] if args.tasks else None
+    tasks = list(dict.fromkeys(t for item in args.tasks for t in item.split(",") if t)) if args.tasks else None
     if tasks:
         check_task_names(tasks)
     cards = build_suite(args.out, tasks, seed=args.seed, force=args.force)

@@ -150,9 +150,13 @@ def test_a_checkpoint_without_an_image_decoder_says_so(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(GenerationError, match=r"no image decoder \(decoder_image/\), so it cannot generate image"):
         model.generate_multimodal(processor, [{"role": "user", "content": "Draw a 3."}], output_modality="image")
-    assert cli.main(["chat", str(path), "Draw a 3.", "--output", "image"]) == 2
+    assert cli.main(["chat", str(path), "Draw a 3.", "--output", "image", "--save-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no image decoder" in err
+    # asking for a medium with nowhere to write it: refused before the model is loaded
+    assert cli.main(["chat", str(path), "Draw a 3.", "--output", "image"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--output image: pass --save-dir DIR" in err
 
 
 def test_chat_save_dir_writes_media_and_prints_paths(gen_checkpoint, tmp_path, capsys):
