@@ -17,12 +17,15 @@ win back); below it, the other modalities help (transfer). Generation tasks are 
 diffusion decoders learn from optimizer steps more than from samples, and the group-only runs take far fewer steps.
 
 Prints a table and writes JSON. Runs are reused from ``--runs`` when complete (delete them to re-measure).
+``--combine A.json B.json ...`` instead reads the JSON of several seeds and prints each task's alone-minus-mixed
+difference per seed, its mean, and in how many seeds the task did better alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -75,6 +78,30 @@ def group_recipe(base: dict, tasks: list[str]) -> tuple[dict, float]:
     return recipe, share
 
 
+def combine(paths: list[str], out: str) -> int:
+    """The per-seed reports side by side: each task's alone-minus-mixed difference per seed and their mean."""
+    reports = [json.loads(Path(p).read_text()) for p in paths]
+    table: dict[str, dict] = {}
+    for report in reports:
+        for name, group in report["groups"].items():
+            for task, gain in group.get("gain_alone", {}).items():
+                row = table.setdefault(task, {"group": name, "seeds": [], "gains": []})
+                row["seeds"].append(report["seed"])
+                row["gains"].append(gain)
+    print(f"{'group':7} {'task':17} {'alone-mixed per seed':>30} {'mean':>7}  alone better")
+    for task, row in table.items():
+        row["mean"] = statistics.fmean(row["gains"])
+        row["alone_better"] = sum(g > 0 for g in row["gains"])
+        cells = " ".join(f"{g:+.3f}" for g in row["gains"])
+        note = " (decoder steps differ)" if task in GENERATION else ""
+        print(f"{row['group']:7} {task:17} {cells:>30} {row['mean']:+7.3f}  {row['alone_better']}/{len(row['gains'])}"
+              f"{note}")  # fmt: skip
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"runs": paths, "tasks": table}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", default="dense", help="shipped recipe name or YAML file (default: dense)")
@@ -84,7 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="recipe seed (the data must have been built with it)")
     parser.add_argument("--runs", default="runs/groups")
     parser.add_argument("--json", default="bench/results/modality_groups.json")
+    parser.add_argument("--combine", nargs="+", metavar="RUN.json", help="combine per-seed reports (runs nothing)")
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, args.json)
     groups = [g.strip() for g in args.groups.split(",") if g.strip()]
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:

@@ -114,3 +114,20 @@ def test_modality_group_recipes_scale_steps_by_the_groups_share_and_validate(tmp
         assert load_recipe(path).data["tasks"] == data["data"]["tasks"]
     with pytest.raises(SystemExit, match="does not train"):
         group_recipe(base, ["no_such_task"])
+
+
+def test_modality_groups_combine_reports_per_seed_gains(tmp_path, capsys):
+    from modality_groups import main as groups_main
+
+    paths = []
+    for seed, (vqa, asr) in enumerate([(0.02, -0.01), (-0.04, 0.03)]):
+        report = {"seed": seed, "groups": {"image": {"gain_alone": {"vqa_easy": vqa}},
+                                           "audio": {"gain_alone": {"speech_asr": asr}}}}  # fmt: skip
+        paths.append(tmp_path / f"seed{seed}.json")
+        paths[-1].write_text(json.dumps(report))
+    out = tmp_path / "all.json"
+    assert groups_main(["--combine", *map(str, paths), "--json", str(out)]) == 0
+    tasks = json.loads(out.read_text())["tasks"]
+    assert tasks["vqa_easy"]["mean"] == pytest.approx(-0.01) and tasks["vqa_easy"]["alone_better"] == 1
+    assert tasks["speech_asr"]["gains"] == [-0.01, 0.03] and tasks["speech_asr"]["group"] == "audio"
+    assert "+0.020 -0.040" in capsys.readouterr().out
