@@ -372,9 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_upcycle)
 
     p = sub.add_parser("push", help="upload a checkpoint directory to the Hugging Face Hub")
-    p.add_argument("dir")
-    p.add_argument("repo_id")
-    p.add_argument("--private", action="store_true")
+    p.add_argument("dir", help="a checkpoint directory (config.json + safetensors)")
+    p.add_argument("repo_id", help="the Hub repository, e.g. me/unimoe-tiny (created if missing)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
     p.set_defaults(func=cmd_push)
 
     p = sub.add_parser("init", help="write a randomly initialized checkpoint of a preset (model, processor, tokenizer)")
@@ -448,8 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("smoke", help="in seconds: build, briefly train, save and reload the tiny model")
-    p.add_argument("--out", default="runs/smoke")
-    p.add_argument("--steps", type=_positive_int, default=30)
+    p.add_argument("--out", default="runs/smoke", help="output directory (default: runs/smoke)")
+    p.add_argument("--steps", type=_positive_int, default=30, help="training steps (default: 30)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_smoke)
     return parser
