@@ -586,7 +586,11 @@ def read_ett(
         raise DataError(f"ett: split must be train, val or test, got {split!r}")
     needed = borders["test"][1]
     if len(frame) < needed:
-        raise DataError(f"{csv_path}: {len(frame)} rows; the standard {freq} ETT borders need {needed}")
+        kind = "hourly (ETTh)" if freq == "h" else "15-minute (ETTm)"
+        raise DataError(
+            f"{csv_path}: {len(frame)} rows, but the standard train/val/test split of {kind} ETT data needs at least "
+            f"{needed} (12/4/4 months)"
+        )
     try:
         data = frame[ETT_COLUMNS].to_numpy(dtype=np.float64)
     except ValueError as err:

@@ -103,6 +103,18 @@ def test_chat_cli_bad_file_is_one_line(tiny_ckpt, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("unimoe chat: error:") and "noise.wav" in lines[0], proc.stderr
 
 
+def test_a_checkpoint_that_lost_its_tokenizer_json_says_so(tiny_ckpt, tmp_path):
+    import shutil
+
+    from unimoe import CheckpointError
+    from unimoe.inference import load_pretrained
+
+    broken = shutil.copytree(tiny_ckpt, tmp_path / "no-tokenizer-json")
+    (broken / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match=r"tokenizer_config.json is there, but no tokenizer.json"):
+        load_pretrained(broken)
+
+
 def test_init_errors(tmp_path, capsys):
     assert main(["init", "qwen2.5-0.5b-e8", str(tmp_path / "x")]) == 2
     assert "tokenizer" in capsys.readouterr().err

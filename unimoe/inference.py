@@ -100,7 +100,10 @@ def load_pretrained(path: str | Path, *, device: str | torch.device | None = Non
     try:
         processor = AutoProcessor.from_pretrained(str(path), **hub_access(path))
     except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: no usable processor/tokenizer files ({str(err).splitlines()[0]})") from err
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if "backend tokenizer" in detail:  # transformers lists the files it tried, here none
+            detail = "tokenizer_config.json is there, but no tokenizer.json (or vocab / merges files) to build it from"
+        raise CheckpointError(f"{path}: no usable processor/tokenizer files ({detail})") from err
     return model, processor
 
 
