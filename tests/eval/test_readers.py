@@ -355,7 +355,9 @@ def test_ett_features_and_normalization(tmp_path):
 
 def test_ett_bad_inputs(tmp_path):
     _write_etth(tmp_path / "ETTh1.csv", rows=100)
-    short = r"ETTh1.csv: 100 rows, but the standard train/val/test split of hourly \(ETTh\) ETT data needs at least 144"
+    short = (
+        r"ETTh1.csv: 100 rows, but the standard train/val/test split of hourly \(ETTh\) ETT data needs at least 14400 "
+    )
     with pytest.raises(DataError, match=short):
         read_benchmark("ett", tmp_path / "ETTh1.csv")
     (tmp_path / "ETTh2.csv").write_text("date,OT\n2016-07-01 00:00:00,1\n")
