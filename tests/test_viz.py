@@ -50,3 +50,23 @@ def test_forecast_grid_draws_one_panel_per_forecast(tmp_path):
     w1, h1 = Image.open(one).size
     w5, h5 = Image.open(five).size
     assert w5 > 3 * w1 and h5 > 1.5 * h1  # 4 columns, 2 rows
+
+
+def test_titles_wrap_to_narrow_figures_instead_of_being_cut_off():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from unimoe.viz import _suptitle
+
+    title = "gen_image_digits: generated for the test prompts (green = the judge agrees; 3/4 in all)"
+    for width, lines in ((2.8, 3), (14.0, 1)):
+        fig = plt.figure(figsize=(width, 2))
+        _suptitle(fig, title, fontsize=9)
+        fig.canvas.draw()
+        text = fig._suptitle
+        assert text.get_text().count("\n") + 1 >= lines if lines > 1 else "\n" not in text.get_text()
+        box = text.get_window_extent(fig.canvas.get_renderer())
+        assert box.x0 >= 0 and box.x1 <= fig.bbox.width  # the whole title is inside the figure
+        plt.close(fig)

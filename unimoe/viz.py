@@ -43,7 +43,7 @@ def routing_heatmap(
         if num_experts is not None and num_experts < mat.shape[1]:
             ax.axvline(num_experts - 0.5, color="white", linestyle="--", linewidth=1)
         fig.colorbar(im, ax=ax, fraction=0.046)
-    fig.suptitle(title)
+    _suptitle(fig, title)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -115,7 +115,7 @@ def forecast_grid(
     for ax in axes.flat[len(forecasts) :]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=6, loc="upper left")
-    fig.suptitle(title)
+    _suptitle(fig, title)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -167,7 +167,7 @@ def media_grid(
             correct = judged == value
             ax.set_title(value if correct else f"{value} ({judged or 'nothing'}?)", fontsize=7,
                          color="tab:green" if correct else "tab:red")  # fmt: skip
-    fig.suptitle(title, fontsize=9)
+    _suptitle(fig, title, fontsize=9)
     fig.tight_layout()
     return _save(fig, path)
 
@@ -183,6 +183,18 @@ def _log_mel(file: str | Path, n_mels: int = 40) -> np.ndarray:
     wave, rate = sf.read(str(file), dtype="float32", always_2d=True)
     mel = torchaudio.transforms.MelSpectrogram(rate, n_fft=512, hop_length=max(1, rate // 100), n_mels=n_mels)
     return mel(torch.from_numpy(wave[:, 0].copy())).clamp_min(1e-8).log10().numpy()
+
+
+def _suptitle(fig, title: str, fontsize: float | None = None) -> None:
+    """The figure's title, wrapped to its width: a narrow figure (a few samples) would otherwise cut it off."""
+    import textwrap
+
+    import matplotlib
+
+    size = fontsize or matplotlib.rcParams["figure.titlesize"]
+    size = size if isinstance(size, (int, float)) else 12.0
+    per_line = max(12, int(fig.get_figwidth() * 72 / (0.6 * size)))  # ~0.6 em per character
+    fig.suptitle(textwrap.fill(title, per_line), fontsize=fontsize)
 
 
 def _save(fig, path: str | Path) -> Path:
