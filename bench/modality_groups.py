@@ -12,6 +12,9 @@ missing is only the other modalities' samples and the optimizer steps they bring
 task is scored against the mixed run of the same recipe, seed and data (``--mixed DIR``, a finished ``unimoe run``;
 without it the mixed recipe is run too, under ``--runs``).
 
+With ``--budget full`` each group instead takes every optimizer step of the mixed run (about 1/share times the
+samples of its tasks): an upper bound on what a model given to one modality could gain.
+
 A group-only score above the mixed one means the mix costs that task something (interference, what experts could
 win back); below it, the other modalities help (transfer). Generation tasks are shown but read them with care: their
 diffusion decoders learn from optimizer steps more than from samples, and the group-only runs take far fewer steps.
@@ -45,16 +48,20 @@ GROUPS = {
 GENERATION = {"gen_image_digits", "gen_speech_words"}
 
 
-def group_recipe(base: dict, tasks: list[str]) -> tuple[dict, float]:
-    """The base recipe restricted to ``tasks``, each stage's step counts scaled by their share of the weights."""
+def group_recipe(base: dict, tasks: list[str], budget: str = "share") -> tuple[dict, float]:
+    """The base recipe restricted to ``tasks``, each stage's step counts scaled by their share of the weights
+    (``budget="share"``) or kept as they are (``"full"``: the group gets every optimizer step of the mixed run)."""
     data = base["data"]
     missing = [t for t in tasks if t not in data["tasks"]]
     if missing:
         raise SystemExit(f"the recipe does not train {missing} (its tasks: {data['tasks']})")
     weights = data.get("weights") or {t: 1 for t in data["tasks"]}
     share = sum(weights.get(t, 0) for t in tasks) / sum(weights.get(t, 0) for t in data["tasks"])
+    if budget not in ("share", "full"):
+        raise SystemExit(f"--budget: share or full, got {budget!r}")
+    scale = share if budget == "share" else 1.0
     recipe = yaml.safe_load(yaml.safe_dump(base))  # a deep copy
-    recipe["description"] = f"{base.get('description', '')} -- only {', '.join(tasks)}, {share:.0%} of its steps"
+    recipe["description"] = f"{base.get('description', '')} -- only {', '.join(tasks)}, {scale:.0%} of its steps"
     recipe["data"]["tasks"] = list(tasks)
     recipe["data"]["weights"] = {t: weights[t] for t in tasks if t in weights}
     augment = {m: a for m, a in (data.get("augment") or {}).items() if set(a.get("tasks", tasks)) & set(tasks)}
@@ -63,13 +70,13 @@ def group_recipe(base: dict, tasks: list[str]) -> tuple[dict, float]:
         over = stage.setdefault("overrides", {})
         if "steps" not in over:
             raise SystemExit(f"stage {stage['stage']}: the recipe must set its steps to be scaled")
-        steps = max(1, round(over["steps"] * share))
+        steps = max(1, round(over["steps"] * scale))
         over["steps"] = steps
         for key in ("router_warmup_steps",):
             if over.get(key):
-                over[key] = max(1, round(over[key] * share))
+                over[key] = max(1, round(over[key] * scale))
         if over.get("frozen_steps"):
-            over["frozen_steps"] = {k: round(v * share) for k, v in over["frozen_steps"].items()}
+            over["frozen_steps"] = {k: round(v * scale) for k, v in over["frozen_steps"].items()}
         over["save_every"] = max(1, steps // 3)
         refit = over.get("forecast_refit")
         if refit and refit.get("task") not in tasks:
@@ -111,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="recipe seed (the data must have been built with it)")
     parser.add_argument("--runs", default="runs/groups")
     parser.add_argument("--json", default="bench/results/modality_groups.json")
+    parser.add_argument("--budget", choices=["share", "full"], default="share",
+                        help="steps of a group run: its share of the mixed run's (default) or all of them")  # fmt: skip
     parser.add_argument("--combine", nargs="+", metavar="RUN.json", help="combine per-seed reports (runs nothing)")
     args = parser.parse_args(argv)
     if args.combine:
@@ -138,13 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"recipe": str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path), "seed": args.seed,
                     "mixed": mixed["results"], "groups": {}}  # fmt: skip
     for name in groups:
-        recipe, share = group_recipe(base, GROUPS[name])
+        recipe, share = group_recipe(base, GROUPS[name], args.budget)
         recipe_path = runs / f"{name}.yaml"
         recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         run = run_recipe(str(recipe_path), runs / name, data, seed)
         report["groups"][name] = {
             "tasks": GROUPS[name],
             "share": share,
+            "budget": args.budget,
             "steps": {s["stage"]: s["overrides"]["steps"] for s in recipe["stages"]},
             "wall_s": run.get("wall_s"),
             "results": run["results"],
@@ -165,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                 reading += "; decoder steps differ"
             print(f"{name:7} {task:17} {metric:9} {m:7.3f} {a:7.3f} {gain:+12.3f}  {reading}")
         steps = ", ".join(f"{k} {v}" for k, v in group["steps"].items())
-        print(f"{'':7} ({group['share']:.0%} of the samples: {steps} steps)")
+        print(f"{'':7} ({group['share']:.0%} of the mixed run's samples; {steps} steps)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(report, indent=2))
     print(f"wrote {args.json}")

@@ -112,6 +112,8 @@ def test_modality_group_recipes_scale_steps_by_the_groups_share_and_validate(tmp
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(data))
         assert load_recipe(path).data["tasks"] == data["data"]["tasks"]
+    full, _ = group_recipe(base, GROUPS["image"], budget="full")  # every optimizer step of the mixed run
+    assert [s["overrides"]["steps"] for s in full["stages"]] == [s["overrides"]["steps"] for s in base["stages"]]
     with pytest.raises(SystemExit, match="does not train"):
         group_recipe(base, ["no_such_task"])
 
