@@ -35,7 +35,7 @@ from pathlib import Path
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe import ROOT, primary, run_recipe  # noqa: E402
+from recipe import ROOT, primary, run_recipe, write_report  # noqa: E402
 
 GROUPS = {
     "image": ["vqa_easy", "digits_cls", "gen_image_digits"],
@@ -72,9 +72,8 @@ def group_recipe(base: dict, tasks: list[str], budget: str = "share") -> tuple[d
             raise SystemExit(f"stage {stage['stage']}: the recipe must set its steps to be scaled")
         steps = max(1, round(over["steps"] * scale))
         over["steps"] = steps
-        for key in ("router_warmup_steps",):
-            if over.get(key):
-                over[key] = max(1, round(over[key] * scale))
+        if over.get("router_warmup_steps"):
+            over["router_warmup_steps"] = max(1, round(over["router_warmup_steps"] * scale))
         if over.get("frozen_steps"):
             over["frozen_steps"] = {k: round(v * scale) for k, v in over["frozen_steps"].items()}
         over["save_every"] = max(1, steps // 3)
@@ -103,9 +102,7 @@ def combine(paths: list[str], out: str) -> int:
         note = " (decoder steps differ)" if task in GENERATION else ""
         print(f"{row['group']:7} {task:17} {cells:>30} {row['mean']:+7.3f}  {row['alone_better']}/{len(row['gains'])}"
               f"{note}")  # fmt: skip
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out).write_text(json.dumps({"runs": paths, "tasks": table}, indent=2))
-    print(f"wrote {out}")
+    write_report(out, {"runs": paths, "tasks": table})
     return 0
 
 
@@ -176,9 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:7} {task:17} {metric:9} {m:7.3f} {a:7.3f} {gain:+12.3f}  {reading}")
         steps = ", ".join(f"{k} {v}" for k, v in group["steps"].items())
         print(f"{'':7} ({group['share']:.0%} of the mixed run's samples; {steps} steps)")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

@@ -78,6 +78,13 @@ def run_recipe(recipe: str, out: Path, data: Path, extra: list[str] = ()) -> dic
     return json.loads((out / "run.json").read_text())
 
 
+def write_report(path: str | Path, report: dict) -> None:
+    """Write a bench's JSON report (making its folder) and say where."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
 def shipped_recipes() -> set[str]:
     return {p.stem for p in (ROOT / "configs" / "recipes").glob("*.yaml")}
 
@@ -216,9 +223,7 @@ def main() -> int:
         kill = report["kill_resume"]
         print(f"kill -9 + --resume gives identical final metrics: {kill['identical_final_metrics']}; "
               f"bitwise-identical weights per stage: {kill.get('identical_weights')}")  # fmt: skip
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.json}")
+    write_report(args.json, report)
     return 0
 
 

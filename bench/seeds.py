@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from recipe import TARGETS, baseline_floor, primary, suite_average  # noqa: E402
+from recipe import TARGETS, baseline_floor, primary, suite_average, write_report  # noqa: E402
 
 
 def compare(runs: list[dict], moe: str = "tiny", dense: str = "dense") -> dict:
@@ -103,9 +103,7 @@ def main() -> int:
     if args.json:
         report["labels"] = labels
         report["inputs"] = [str(p) for p in args.runs]
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+        write_report(args.json, report)
     return 0
 
 

@@ -583,6 +583,7 @@ def train_stage(
             "media_text_loss_coef": stage.media_text_loss_coef,
             "media_text_temperature": stage.media_text_temperature,
         }
+    moe = core.config.moe_config  # fixed for the stage: the collapse check reads top_k / num_experts on log steps
     while step < end_step:
         log_now = (step + 1) % stage.log_every == 0 or step + 1 == stage.steps
         for _ in range(stage.grad_accum):
@@ -629,7 +630,6 @@ def train_stage(
         if log_now:
             record = _step_record(step, loss, outputs, scheduler.get_last_lr()[0] / first_factor,
                                   tokens / max(elapsed, 1e-9), core.config)  # fmt: skip
-            moe = core.config.moe_config
             if forced is None and router_collapsed(record, moe.num_experts, moe.top_k, stage.collapse_threshold):
                 few = "one expert takes" if moe.top_k == 1 else f"{moe.top_k} of {moe.num_experts} experts take"
                 warnings.warn(

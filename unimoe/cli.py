@@ -148,19 +148,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
         raise ConfigError(f"--output {args.output}: pass --save-dir DIR to write what is generated")
     _quiet_transformers()
     model, processor = load_pretrained(args.model, device=args.device)
-    if not args.modality:  # a .npy is a point cloud or a series by its contents: say which
+    modalities = [args.modality] if args.modality else None
+    if not args.modality and args.file:  # guessed once here; a .npy is a point cloud or a series by its contents
         from unimoe.processing_unimoe import guess_modality
 
-        for path in args.file:
+        modalities = [guess_modality(path, getattr(processor, "modalities", None)) for path in args.file]
+        for path, read_as in zip(args.file, modalities):
             if Path(path).suffix.lower() == ".npy":
-                read_as = guess_modality(path, getattr(processor, "modalities", None))
                 print(f"({path}: read as {read_as}; --modality to change)", file=sys.stderr)
     reply = respond(
         model,
         processor,
         args.prompt,
         args.file,
-        modalities=[args.modality] if args.modality else None,
+        modalities=modalities,
         output=args.output,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,

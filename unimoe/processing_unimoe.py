@@ -24,7 +24,7 @@ from transformers.processing_utils import ProcessorMixin
 from unimoe.configuration_unimoe import strip_component_keys
 from unimoe.connectors import connector_tokens
 from unimoe.encoders import MediaError, encoder_class
-from unimoe.encoders.base import npy_problem
+from unimoe.encoders.base import check_size, npy_problem
 from unimoe.errors import ConfigError, InputError
 
 IGNORE_INDEX = -100
@@ -73,8 +73,7 @@ def guess_modality(path: str | Path, readable: Sequence[str] | None = None) -> s
     if suffix == ".npy":
         import numpy as np
 
-        if path.is_file() and path.stat().st_size == 0:
-            raise MediaError(path, "file is empty")
+        check_size(path, None)  # missing or empty: the encoders' own one-line errors
         try:
             array = np.load(path, allow_pickle=False, mmap_mode="r")
         except (OSError, ValueError, EOFError) as err:

@@ -190,9 +190,10 @@ def _suptitle(fig, title: str, fontsize: float | None = None) -> None:
     import textwrap
 
     import matplotlib
+    from matplotlib.font_manager import FontProperties
 
-    size = fontsize or matplotlib.rcParams["figure.titlesize"]
-    size = size if isinstance(size, (int, float)) else 12.0
+    # "large" and the other named sizes resolve to points as matplotlib itself resolves them
+    size = FontProperties(size=fontsize or matplotlib.rcParams["figure.titlesize"]).get_size_in_points()
     per_line = max(12, int(fig.get_figwidth() * 72 / (0.6 * size)))  # ~0.6 em per character
     fig.suptitle(textwrap.fill(title, per_line), fontsize=fontsize)
 
