@@ -162,7 +162,7 @@ def test_fused_lora_expert_loop_backward_matches_autograd(with_keep, train_base)
 @pytest.mark.parametrize("width", [4, 10])  # the expert FFN narrower / wider than hidden
 def test_fused_ffn_expert_loop_backward_matches_autograd(width):
     """The hand-written backward of the SwiGLU expert loop (float64 gradcheck), an expert without tokens included."""
-    from unimoe.moe.experts import _SwiGLUExpertLoop
+    from unimoe.moe.experts import GradBuffers, _SwiGLUExpertLoop
 
     g = torch.Generator().manual_seed(0)
     t, h, e = 7, 6, 3
@@ -173,8 +173,49 @@ def test_fused_ffn_expert_loop_backward_matches_autograd(width):
     counts = [4, 0, 5]
     weight = torch.rand(9, generator=g, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda *a: _SwiGLUExpertLoop.apply(*a, token_index, counts), (x, gate_up, down, weight)
+        lambda *a: _SwiGLUExpertLoop.apply(*a, token_index, counts, GradBuffers()), (x, gate_up, down, weight)
     )
+
+
+def test_expert_weight_gradients_reuse_their_buffer_and_never_overwrite_a_kept_one():
+    """The SwiGLU loop's weight gradients land on kept storages: the same memory step after step once ``.grad`` is
+    dropped, a fresh buffer while somebody still holds the last gradient (kept intact), and accumulation without
+    ``zero_grad`` still sums."""
+    import copy
+
+    from unimoe.moe.experts import SwiGLUExperts
+
+    torch.manual_seed(0)
+    experts = SwiGLUExperts(num_experts=4, hidden_size=8, intermediate_size=6, dispatch="loop")
+    x = torch.randn(10, 8)
+    index, weight = random_routing(10, 4, 2)
+    plan = make_plan(index, weight, torch.ones_like(index, dtype=torch.bool), 4)
+
+    def backward():
+        experts(x, plan).square().sum().backward()
+        return experts.gate_up_proj.grad, experts.down_proj.grad
+
+    first = [g.clone() for g in backward()]
+    pointers = [g.data_ptr() for g in (experts.gate_up_proj.grad, experts.down_proj.grad)]
+    experts.zero_grad()  # set_to_none: the storages are free again
+    again = backward()
+    assert [g.data_ptr() for g in again] == pointers
+    for a, b in zip(again, first):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+    kept = experts.gate_up_proj.grad  # somebody holds the gradient past zero_grad
+    experts.zero_grad()
+    backward()
+    assert experts.gate_up_proj.grad.data_ptr() != kept.data_ptr()
+    torch.testing.assert_close(kept, first[0], rtol=0, atol=0)
+
+    experts.zero_grad()
+    del kept
+    backward()
+    summed = backward()  # accumulation: the second gradient is added to the first
+    torch.testing.assert_close(summed[0], 2 * first[0])
+    torch.testing.assert_close(summed[1], 2 * first[1])
+    assert not copy.deepcopy(experts).grad_buffers._storages  # copies start without buffers
 
 
 @pytest.mark.parametrize("rows", [3, 200])  # the transposed product for few rows, F.linear otherwise
