@@ -96,9 +96,10 @@ def test_forward_backward_every_expert_type(expert_type):
 
 
 def test_bench_quick_writes_json(tmp_path):
+    """The quick bench in two fresh processes: the table, and the JSON pooling both processes' repetitions."""
     out = tmp_path / "moe.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "moe_layer.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(ROOT / "bench" / "moe_layer.py"), "--quick", "--processes", "2", "--json", str(out)],
         capture_output=True,
         text=True,
         timeout=120,
@@ -115,7 +116,20 @@ def test_bench_quick_writes_json(tmp_path):
         assert all(v > 0 for v in case["ms"].values())
         assert case["ratio_vs_dense"]["dense"] == pytest.approx(1.0)
         assert isinstance(case["meets_target"], bool)
-    assert "E8-top2" in proc.stdout  # the table
+        assert case["processes"] == 2 and case["repetitions"] == 2  # one repetition per process, pooled
+        assert len(case["samples_ms"]["unimoe"]) == 2 and len(case["ratio_per_process"]["unimoe"]) == 2
+        pooled = sorted(a / b for a, b in zip(case["samples_ms"]["unimoe"], case["samples_ms"]["dense"]))
+        assert case["ratio_vs_dense"]["unimoe"] == pytest.approx(sum(pooled) / 2)  # median of two
+        assert sorted(case["ratio_per_process"]["unimoe"]) == pytest.approx(pooled)
+    assert "E8-top2" in proc.stdout and "processes" in proc.stdout  # the table, with each process's ratio
+
+
+def test_bench_strip_options():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from moe_layer import strip_options
+
+    argv = ["--quick", "--json", "a.json", "--processes=3", "--cases", "E8-top2"]
+    assert strip_options(argv, ("--json", "--processes")) == ["--quick", "--cases", "E8-top2"]
 
 
 # -- fine-grained expert groups: forced groups and the routed scaling factor -------------------------------------------
