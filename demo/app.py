@@ -5,10 +5,17 @@ and a routing panel that shows which experts each modality's tokens used in ever
 ``build_app(model, processor)`` builds the ``gr.Blocks`` from an in-memory model (tests, notebooks);
 ``launch(MODEL)`` loads a checkpoint and serves it; ``main(argv)`` is ``python -m unimoe.demo``.
 
-Notes on gradio 6.31 (see DESIGN.md): ``ChatInterface(multimodal=True)`` calls ``fn(message={"text", "files"},
-history, *additional_inputs)``; replies that carry media are lists of components (a bare ``{"path": ...}`` crashes);
-the ``/chat`` API returns its outputs without postprocessing, so API clients read the reply's files and routing from
-the JSON "details" output rather than from the components.
+Notes on gradio 6.31: ``ChatInterface(multimodal=True)`` calls ``fn(message={"text", "files"}, history,
+*additional_inputs)``. The browser's event postprocesses the reply through the Chatbot, but the ``/chat`` API endpoint
+returns its outputs *without* postprocessing: a component in the reply reaches a gradio_client caller as
+``str(component)``, and a side panel's value as the raw Python value. What both paths handle is a FileData dict
+(``{"path", "mime_type", "meta": {"_type": "gradio.FileData"}}``): the Chatbot shows it as an image or an audio player
+by its type, and the API moves it to gradio's cache, so the client downloads it and gets a local path. So a reply with
+media is one message dict, ``{"role": "assistant", "content": [text, file, ...]}`` (a bare file dict in a list
+crashes ChatInterface, which reads it as a ``{"text", "files"}`` message); forecasts are sent as PNG plots; and the
+files must lie in the temporary folder, the working directory or ``allowed_paths`` (``launch`` passes the output
+folder). The side panels reach API clients as server-side paths; the JSON "details" output carries the routing and
+the original files' server paths.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import gradio as gr
 from unimoe.errors import CheckpointError
 
 from .engine import NOTICE, ChatEngine, GenerationSettings, Reply
-from .media import enlarged_for_display, forecast_figure, routing_summary, series_figure
+from .media import enlarged_for_display, routing_summary
 
 #: The default recipe's checkpoint (``make quickstart`` / ``unimoe run tiny --out runs/tiny`` writes it).
 DEFAULT_CHECKPOINT = Path("runs/tiny/final")
@@ -97,7 +104,7 @@ def build_app(
     )
     summary = gr.Markdown("Send a message to see which experts each modality used.", render=False)
     points_view = gr.Model3D(label="Point cloud", display_mode="point_cloud", render=False, interactive=False)
-    series_view = gr.Plot(label="Time series", render=False)
+    series_view = gr.Image(label="Time series", type="filepath", render=False, interactive=False)
     details = gr.JSON(label="Last reply (JSON)", render=False)
     settings_inputs = _settings_inputs(defaults)
     textbox = gr.MultimodalTextbox(
@@ -168,17 +175,25 @@ def _settings_inputs(defaults: GenerationSettings) -> list[gr.components.Compone
     ]
 
 
-def _chat_message(reply: Reply) -> str | list:
-    """A reply as chat content: text alone as a string; with generated media, the text followed by components."""
+def _chat_message(reply: Reply) -> str | dict[str, Any]:
+    """A reply as chat content: text alone as a string; with generated media, one assistant message whose content is
+    the text followed by the files (images, speech, forecast plots) as FileData dicts, which the browser's chat shows
+    inline and a ``/chat`` API client downloads (it gets the same message with local paths in place of the dicts)."""
     if reply.error:
         return f"{NOTICE}{reply.error}"
-    media: list = [gr.Image(value=str(enlarged_for_display(p)), label="generated image") for p in reply.images]
-    media += [gr.Audio(value=str(p), label="generated speech") for p in reply.audio]
-    for f in reply.forecasts:
-        media.append(gr.Plot(value=forecast_figure(f.context, f.point, f.quantiles), label="forecast"))
-    if not media:
+    files = [_file_part(enlarged_for_display(p), "image/png") for p in reply.images]
+    files += [_file_part(p, "audio/wav") for p in reply.audio]
+    files += [_file_part(f.plot, "image/png") for f in reply.forecasts if f.plot]
+    if not files:
         return reply.text or "*(the model returned no text)*"
-    return [reply.text, *media] if reply.text else media
+    return {"role": "assistant", "content": [reply.text, *files] if reply.text else files}
+
+
+def _file_part(path: str | Path, mime_type: str) -> dict[str, Any]:
+    """A file as gradio's FileData dict: the ``meta`` marker is what makes the ``/chat`` API serve and the client
+    download it."""
+    path = Path(path)
+    return {"path": str(path), "mime_type": mime_type, "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
 
 
 def _panel_outputs(reply: Reply, num_experts: int) -> tuple:
@@ -190,10 +205,7 @@ def _panel_outputs(reply: Reply, num_experts: int) -> tuple:
         heat = str(reply.heatmap) if reply.heatmap else None
         text = routing_summary(reply.routing, num_experts=num_experts)
     points = str(reply.points_preview) if reply.points_preview else gr.skip()
-    series = gr.skip()
-    if reply.series_preview:
-        name, values = reply.series_preview
-        series = series_figure(values, title=name)
+    series = str(reply.series_preview) if reply.series_preview else gr.skip()
     return heat, text, points, series, reply.to_json()
 
 

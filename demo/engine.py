@@ -28,7 +28,7 @@ from unimoe.errors import InputError, UniMoEError
 from unimoe.generation.api import sampling_kwargs
 from unimoe.processing_unimoe import SUFFIX_MODALITY, guess_modality
 
-from .media import load_media, write_point_cloud_preview
+from .media import forecast_figure, load_media, save_figure, series_figure, write_point_cloud_preview
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,13 @@ class Attachment:
 
 @dataclass
 class Forecast:
-    """A generated forecast: the series it continues, the point forecast and quantile bands ``{level: (h,)}``."""
+    """A generated forecast: the series it continues, the point forecast and quantile bands ``{level: (h,)}``, and
+    its plot (a PNG under the reply's folder)."""
 
     context: np.ndarray
     point: np.ndarray
     quantiles: dict[float, np.ndarray] = field(default_factory=dict)
+    plot: Path | None = None
 
 
 @dataclass
@@ -89,7 +91,7 @@ class Reply:
     routing: dict[str, np.ndarray] = field(default_factory=dict)
     heatmap: Path | None = None
     points_preview: Path | None = None
-    series_preview: tuple[str, np.ndarray] | None = None
+    series_preview: Path | None = None  # a PNG plot of the turn's last series
     history_turns: int = 0
     seconds: float = 0.0
 
@@ -107,6 +109,7 @@ class Reply:
                     "point": f.point.tolist(),
                     "quantiles": {str(q): v.tolist() for q, v in f.quantiles.items()},
                     "context_length": len(f.context),
+                    "plot": str(f.plot) if f.plot else None,
                 }
                 for f in self.forecasts
             ],
@@ -230,7 +233,10 @@ class ChatEngine:
                 points = load_media(self.processor, "points", a.path)
                 reply.points_preview = write_point_cloud_preview(points, reply_dir / f"{a.path.stem}.ply")
             elif a.modality == "series" and reply.series_preview is None:
-                reply.series_preview = (a.name, load_media(self.processor, "series", a.path))
+                values = load_media(self.processor, "series", a.path)
+                reply.series_preview = save_figure(
+                    series_figure(values, title=a.name), reply_dir / f"{a.path.stem}_series.png"
+                )
 
     def _generate(
         self, messages: list[dict], settings: GenerationSettings, reply: Reply, reply_dir: Path, raw_paths: list[Path]
@@ -338,7 +344,8 @@ class ChatEngine:
         return None
 
     def _save_media(self, output: Any, reply: Reply, reply_dir: Path) -> None:
-        """Write generated images (PNG) and speech (WAV) under the reply's folder; keep forecasts as arrays."""
+        """Write generated images (PNG), speech (WAV) and forecast plots (PNG) under the reply's folder; forecasts
+        keep their arrays too."""
         import soundfile as sf
 
         reply_dir.mkdir(parents=True, exist_ok=True)
@@ -350,9 +357,12 @@ class ChatEngine:
             path = reply_dir / f"speech_{i}.wav"
             sf.write(path, np.asarray(clip.waveform, dtype=np.float32).reshape(-1), int(clip.sample_rate))
             reply.audio.append(path)
-        for f in getattr(output, "forecasts", None) or []:
+        for i, f in enumerate(getattr(output, "forecasts", None) or []):
             quantiles = {float(q): np.asarray(v, dtype=np.float32) for q, v in (f.quantiles or {}).items()}
-            reply.forecasts.append(Forecast(np.asarray(f.context), np.asarray(f.point), quantiles))
+            forecast = Forecast(np.asarray(f.context), np.asarray(f.point), quantiles)
+            figure = forecast_figure(forecast.context, forecast.point, forecast.quantiles)
+            forecast.plot = save_figure(figure, reply_dir / f"forecast_{i}.png")
+            reply.forecasts.append(forecast)
 
 
 # ---------------------------------------------------------------------------------------------------------- helpers

@@ -99,6 +99,14 @@ def forecast_figure(context: np.ndarray, point: np.ndarray, quantiles: Mapping[f
     return fig
 
 
+def save_figure(fig, out: str | Path, *, dpi: int = 100) -> Path:
+    """Write a figure as a PNG (what the chat and the preview panel show, and what API clients download)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, format="png", dpi=dpi)
+    return out
+
+
 def routing_summary(matrices: Mapping[str, np.ndarray], *, num_experts: int) -> str:
     """Markdown: for each modality and MoE layer, the expert that took the largest share of that modality's routed
     slots in the last reply (null experts are named ``n0, n1, ...``) — the heatmap's numbers in words."""

@@ -86,14 +86,20 @@ def served_app(model_and_processor, tmp_path_factory):
 
 
 @pytest.fixture
-def make_client(served_app):
+def downloads(tmp_path) -> Path:
+    """Where the test's clients download the files the app sends (generated images, speech, forecast plots)."""
+    return tmp_path / "downloads"
+
+
+@pytest.fixture
+def make_client(served_app, downloads):
     """Clients of the served app, each with its own session (so its own chat history); closed after the test."""
     from gradio_client import Client
 
     made = []
 
     def make():
-        made.append(Client(served_app[1], verbose=False))
+        made.append(Client(served_app[1], verbose=False, download_files=str(downloads)))
         return made[-1]
 
     yield make

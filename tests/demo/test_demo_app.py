@@ -1,6 +1,6 @@
 """The demo app through gradio_client against a real local launch: one turn per input modality, streaming, history,
 the routing panel, readable answers to bad uploads (and the app still serving after them), 20 concurrent users, and
-an image-generation turn."""
+the generation turns (the generated files reach the client as downloads)."""
 
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ def assert_answered(turn: Turn, modalities: set[str]) -> None:
     """A real reply (not a notice) whose routing panel covers exactly the modalities of the turn.
 
     The random model decides itself what to reply with: usually text, but a sampled generation token makes it an
-    image, speech or a forecast, so the reply is the text alone or a list of the text and those components."""
+    image, speech or a forecast, so the reply is the text alone or one message of the text and those files."""
     assert turn.details["error"] is None, turn.details["error"]
     generated = [*turn.details["images"], *turn.details["audio"], *turn.details["forecasts"]]
     if isinstance(turn.reply, str):
         assert not generated and not turn.reply.startswith(NOTICE)
         assert turn.reply == (turn.details["text"] or "*(the model returned no text)*")
     else:
-        assert len(turn.reply) == bool(turn.details["text"]) + len(generated), turn.reply
+        assert len(reply_files(turn)) == len(generated), turn.reply
     assert modalities <= set(turn.details["routing"]) <= modalities | {"image", "audio", "series"}
     for matrix in turn.details["routing"].values():
         matrix = np.asarray(matrix)
@@ -57,6 +57,18 @@ def assert_answered(turn: Turn, modalities: set[str]) -> None:
         np.testing.assert_allclose(matrix.sum(-1), 1.0, atol=1e-3)
     assert Path(turn.heatmap).is_file() and Image.open(turn.heatmap).format == "PNG"
     assert all(f"| {m} |" in turn.summary for m in modalities)
+
+
+def reply_files(turn: Turn) -> list[Path]:
+    """The files of a reply with media, as the client downloaded them (local paths, in the reply's order: images,
+    speech, forecast plots), after checking the message's shape."""
+    assert isinstance(turn.reply, dict) and turn.reply["role"] == "assistant", turn.reply
+    content = list(turn.reply["content"])
+    text = [content.pop(0)] if turn.details["text"] else []
+    assert text == ([turn.details["text"]] if turn.details["text"] else []), turn.reply
+    files = [Path(p) for p in content]
+    assert all(p.is_file() for p in files), files
+    return files
 
 
 def test_text_turn(client):
@@ -87,7 +99,8 @@ def test_time_series_turn(client, media):
     turn = ask(client, "Describe the trend.", [media / "series.csv"])
     assert_answered(turn, {"text", "series"})
     assert turn.details["inputs"] == [{"name": "series.csv", "modality": "series"}]
-    assert str(turn.series).startswith("Figure")  # a matplotlib plot (the /chat API does not postprocess)
+    with Image.open(turn.series) as plot:  # the preview plot, a PNG (a server-side path: panels are not downloaded)
+        assert plot.format == "PNG"
 
 
 def test_image_and_question_in_one_message_with_settings(client, media):
@@ -156,33 +169,44 @@ needs_heads = pytest.mark.skipif(not _generation_heads_present(), reason="needs 
 
 
 @needs_heads
-def test_image_generation_turn(client):
+def test_image_generation_turn(client, downloads):
     turn = ask(client, "Draw the digit 3.", reply_with="image", diffusion_steps=4)
     assert turn.details["error"] is None, turn.details["error"]
     assert len(turn.details["images"]) == 1
     with Image.open(turn.details["images"][0]) as image:
         assert image.format == "PNG" and min(image.size) > 0
-    assert isinstance(turn.reply, list) and "gradio.components.image.Image" in str(turn.reply[-1])
+        size = image.size
+    [shown] = reply_files(turn)
+    assert downloads in shown.parents  # downloaded by the client, not the server's file
+    with Image.open(shown) as image:  # the copy the chat shows, enlarged by a whole factor
+        factor = image.width // size[0]
+        assert image.format == "PNG" and image.size == (factor * size[0], factor * size[1])
     assert "text" in turn.details["routing"]  # the query slots' pass is routed too
 
 
 @needs_heads
-def test_speech_generation_turn(client):
+def test_speech_generation_turn(client, downloads):
     import soundfile as sf
 
     turn = ask(client, "Say the word seven.", reply_with="audio", diffusion_steps=4)
     assert turn.details["error"] is None, turn.details["error"]
     wave, rate = sf.read(turn.details["audio"][0])
     assert rate > 0 and len(wave) > 0
-    assert "gradio.components.audio.Audio" in str(turn.reply[-1])
+    [speech] = reply_files(turn)
+    assert downloads in speech.parents and speech.suffix == ".wav"
+    downloaded, downloaded_rate = sf.read(speech)
+    assert downloaded_rate == rate and np.array_equal(downloaded, wave)
 
 
 @needs_heads
-def test_forecast_turn_and_a_forecast_without_a_series(client, media):
+def test_forecast_turn_and_a_forecast_without_a_series(client, media, downloads):
     turn = ask(client, "Forecast the next 5 values.", [media / "series.csv"], reply_with="series")
     assert turn.details["error"] is None, turn.details["error"]
     forecast = turn.details["forecasts"][0]
     assert len(forecast["point"]) == 5 and forecast["context_length"] > 0
-    assert "gradio.components.plot.Plot" in str(turn.reply[-1])
+    [plot] = reply_files(turn)
+    assert downloads in plot.parents and plot.name == Path(forecast["plot"]).name
+    with Image.open(plot) as image:
+        assert image.format == "PNG"
     refused = ask(client, "Forecast the next 5 values.", reply_with="series")
     assert refused.reply.startswith(NOTICE) and "series" in refused.reply and "\n" not in refused.reply

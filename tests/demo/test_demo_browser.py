@@ -66,3 +66,30 @@ def test_browser_sends_a_message_and_sees_the_reply(browser, served_app, tmp_pat
     assert browser.save_screenshot(str(shot))
     with Image.open(shot) as image:
         assert image.format == "PNG" and image.size[0] >= 1000
+
+
+def _generation_heads_present() -> bool:
+    from unimoe.modeling_unimoe import UniMoEForConditionalGeneration
+
+    return hasattr(UniMoEForConditionalGeneration, "generate_multimodal")
+
+
+@pytest.mark.skipif(not _generation_heads_present(), reason="needs Step 5 generation heads")
+@pytest.mark.parametrize(("kind", "selector"), [("an image", 'img[src*="image_0"]'), ("speech", '[aria-label="Play"]')])
+def test_browser_shows_generated_media_in_the_chat(browser, served_app, kind, selector):
+    """A reply's files (FileData dicts, so that API clients can download them) show in the chat as an image or an
+    audio player."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(served_app[1])
+    wait = WebDriverWait(browser, 60)
+    box = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, 'textarea[data-testid="textbox"]')))
+    browser.find_element(By.XPATH, f'//label[.//span[normalize-space()="{kind}"]]').click()
+    box.send_keys("Make something")
+    box.send_keys(Keys.ENTER)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, 'img[src*="routing"]'))  # the reply is complete
+    bot = browser.find_elements(By.CSS_SELECTOR, '[data-testid="bot"]')
+    assert any(b.find_elements(By.CSS_SELECTOR, selector) for b in bot), [b.text for b in bot]

@@ -18,6 +18,7 @@ from unimoe.demo.media import (
     enlarged_for_display,
     forecast_figure,
     routing_summary,
+    save_figure,
     series_figure,
     write_point_cloud_preview,
 )
@@ -34,12 +35,17 @@ def test_history_keeps_text_turns_in_every_shape_gradio_uses():
         {"role": "assistant", "content": "a tone"},
         {"role": "assistant", "content": gr.Image(value=None, render=False)},
         {"role": "assistant", "content": "more"},
+        # the app's own reply with media, as the /chat API keeps it in the history
+        {"role": "user", "content": "draw"},
+        {"role": "assistant", "content": ["a cat", {"path": "/tmp/c.png", "meta": {"_type": "gradio.FileData"}}]},
     ]
     assert history_messages(history, limit=8) == [
         {"role": "user", "content": [{"type": "text", "text": "hi"}]},
         {"role": "assistant", "content": "hello"},
         {"role": "user", "content": [{"type": "text", "text": "and this?"}]},
         {"role": "assistant", "content": "a tone\nmore"},  # one assistant turn, split by gradio into messages
+        {"role": "user", "content": [{"type": "text", "text": "draw"}]},
+        {"role": "assistant", "content": "a cat"},
     ]
 
 
@@ -138,7 +144,7 @@ def _multimodal_double(model, processor, fail: Exception | None = None):
     return calls
 
 
-def test_generated_media_become_chat_components(tokenizer, tmp_path):
+def test_generated_media_become_chat_files(tokenizer, tmp_path):
     from unimoe import build_model
     from unimoe.processing_unimoe import UniMoEProcessor
 
@@ -157,16 +163,19 @@ def test_generated_media_become_chat_components(tokenizer, tmp_path):
     assert set(reply.routing) == {"text"}  # the routing panel still covers the text generation
 
     message = _chat_message(reply)
-    assert message[0] == "Here you go."
-    assert [type(part) for part in message[1:]] == [gr.Image, gr.Audio, gr.Plot]
-    # the browser path postprocesses every part: no bare {"path": ...}, nothing gradio rejects
-    chatbot = gr.Chatbot(render=False)
-    history = [{"role": "assistant", "content": part} for part in message]
-    rendered = chatbot.postprocess(history).model_dump()
-    kinds = [m["content"][0].get("component") or m["content"][0]["type"] for m in rendered]
-    assert kinds == ["text", "image", "audio", "plot"]
+    assert message["role"] == "assistant" and message["content"][0] == "Here you go."
+    files = message["content"][1:]
+    assert [f["mime_type"] for f in files] == ["image/png", "audio/wav", "image/png"]
+    assert all(f["meta"] == {"_type": "gradio.FileData"} and Path(f["path"]).is_file() for f in files)
+    assert Path(files[0]["path"]).parent == reply.images[0].parent  # the enlarged copy, beside the original
+    assert Path(files[2]["path"]) == reply.forecasts[0].plot and Image.open(files[2]["path"]).format == "PNG"
+    # the browser path postprocesses the message: the text, then the files, shown by their type
+    rendered = gr.Chatbot(render=False).postprocess([message]).model_dump()
+    parts = [(c["type"], (c.get("file") or {}).get("mime_type")) for m in rendered for c in m["content"]]
+    assert parts == [("text", None), ("file", "image/png"), ("file", "audio/wav"), ("file", "image/png")]
     details = reply.to_json()
     assert details["images"] == [str(reply.images[0])] and details["forecasts"][0]["quantiles"]["0.9"][0] == 1.0
+    assert details["forecasts"][0]["plot"] == str(reply.forecasts[0].plot)
 
 
 def test_asking_a_checkpoint_without_an_image_decoder_is_one_readable_line(tokenizer, tmp_path):
@@ -217,6 +226,8 @@ def test_previews_and_plots(tmp_path):
     assert len(series_figure(np.zeros((40, 2))).axes[0].lines) == 2
     fig = forecast_figure(np.zeros(20), np.ones(5), {"0.1": np.zeros(5), "0.9": np.full(5, 2.0)})
     assert len(fig.axes[0].collections) == 1  # the quantile band
+    with Image.open(save_figure(fig, tmp_path / "plots" / "forecast.png")) as png:
+        assert png.format == "PNG" and png.size == (600, 280)
     Image.fromarray(np.zeros((32, 24), dtype=np.uint8)).save(tmp_path / "digit.png")
     big = enlarged_for_display(tmp_path / "digit.png")
     assert big.name == "digit_x11.png" and Image.open(big).size == (264, 352)  # the chat shows natural sizes
@@ -233,6 +244,6 @@ def test_panel_outputs_keep_previews_when_a_turn_has_none():
     heatmap, summary, points, series, details = _panel_outputs(Reply(prompt="hi", text="yo"), num_experts=4)
     assert points == gr.skip() and series == gr.skip()
     assert details["text"] == "yo"
-    reply = Reply(prompt="x", series_preview=("s.csv", np.zeros((5, 1))), points_preview=Path("/tmp/p.ply"))
+    reply = Reply(prompt="x", series_preview=Path("/tmp/s_series.png"), points_preview=Path("/tmp/p.ply"))
     _, _, points, series, _ = _panel_outputs(reply, num_experts=4)
-    assert points == "/tmp/p.ply" and series.axes[0].get_title() == "s.csv"
+    assert points == "/tmp/p.ply" and series == "/tmp/s_series.png"
