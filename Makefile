@@ -27,7 +27,7 @@ quickstart: $(STAMP)
 	$(BIN)/unimoe run tiny --out runs/tiny --data data --resume
 
 bench: $(STAMP)
-	$(BIN)/python bench/moe_layer.py --json bench/results/moe_layer.json
+	$(BIN)/python bench/moe_layer.py --processes 3 --json bench/results/moe_layer.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
