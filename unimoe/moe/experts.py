@@ -67,8 +67,7 @@ class GradBuffers:
         """An uninitialized tensor shaped like ``param`` (contiguous), on a kept storage when one is free."""
         nbytes = param.numel() * param.element_size()
         kept = [s for s in self._storages.get(name, []) if s.nbytes() == nbytes and s.device == param.device]
-        # free = referenced by this list alone (torch's inductor checks its cached storages' liveness the same way)
-        storage = next((s for s in kept if torch._C._storage_Use_Count(s._cdata) == 1), None)
+        storage = next((s for s in kept if _referenced_once(s)), None)
         if storage is None:
             storage = torch.empty(nbytes, dtype=torch.uint8, device=param.device).untyped_storage()
             kept = [storage, *kept][: self.KEEP]  # a dropped one lives on with whoever holds it
@@ -80,6 +79,13 @@ class GradBuffers:
 
     def __getstate__(self) -> dict:
         return {"_storages": {}}
+
+
+def _referenced_once(storage: torch.UntypedStorage) -> bool:
+    """Whether nothing but our one handle references ``storage`` (torch's inductor checks its cached storages'
+    liveness the same way). A torch without this private counter gets False: every buffer is then fresh."""
+    use_count = getattr(torch._C, "_storage_Use_Count", None)
+    return use_count is not None and use_count(storage._cdata) == 1
 
 
 FEW_ROWS = 64
