@@ -190,10 +190,10 @@ def _chat_message(reply: Reply) -> str | dict[str, Any]:
 
 
 def _file_part(path: str | Path, mime_type: str) -> dict[str, Any]:
-    """A file as gradio's FileData dict: the ``meta`` marker is what makes the ``/chat`` API serve and the client
+    """A file as gradio's FileData dict: its ``meta`` marker is what makes the ``/chat`` API serve and the client
     download it."""
     path = Path(path)
-    return {"path": str(path), "mime_type": mime_type, "orig_name": path.name, "meta": {"_type": "gradio.FileData"}}
+    return gr.FileData(path=str(path), mime_type=mime_type, orig_name=path.name).model_dump()
 
 
 def _panel_outputs(reply: Reply, num_experts: int) -> tuple:
