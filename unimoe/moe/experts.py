@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from unimoe.moe import native
 from unimoe.moe.dispatch import (
     DispatchPlan,
     combine,
@@ -394,6 +395,14 @@ class LoRAExperts(nn.Module):
         return scatter_chunks(mixes, plan, base=base), scatter_chunks(outs, plan)
 
 
+def _native_kernels(x: torch.Tensor, inter: int) -> native.LoRAKernels | None:
+    """The compiled row kernels where they apply (fp32 on a CPU, a multiple of 16 wide, not disabled), else ``None``."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    kernels = native.lora_kernels()
+    return kernels if kernels is not None and kernels.supports(inter) else None
+
+
 def _tall_skinny_grad(narrow: torch.Tensor, wide: torch.Tensor, out: torch.Tensor) -> None:
     """``out = wide.T @ narrow`` (``wide (n, W)``, ``narrow (n, r)``, ``out (W, r)``: a LoRA factor's gradient),
     computed as ``(narrow.T @ wide).T``: with the rank as the product's first dimension the CPU BLAS runs it ~1.4x
@@ -436,19 +445,26 @@ class _LoRAExpertLoop(torch.autograd.Function):
         else:
             mixed = x.new_zeros(num_tokens, inter)
         delta = x.new_zeros(x.shape)  # (T, H): the LoRA down-projection terms
+        kernels = _native_kernels(x, inter)
+        if kernels is not None:  # the B factors in column slices for the kernel's rank-r updates
+            b_g_p, b_u_p = kernels.pack(b_g.transpose(1, 2)), kernels.pack(b_u.transpose(1, 2))
         saved = []
         for e, (idx, w) in enumerate(zip(token_index.split(counts), weight.unsqueeze(-1).split(counts))):
             if idx.numel() == 0:
                 saved.append(None)
                 continue
             a = F.linear(x.index_select(0, idx), a_gu[e]).mul_(s)  # (n, 2r)
-            # gathered rows are their own buffers: the LoRA terms go in place
-            g = g0.index_select(0, idx).addmm_(a[:, :r], b_g[e].t())  # (n, I)
-            u = u0.index_select(0, idx).addmm_(a[:, r:], b_u[e].t())  # (n, I)
-            h = F.silu(g).mul_(u)  # (n, I)
-            t0 = F.linear(h, a_d[e])  # (n, r)
+            if kernels is not None:  # the whole per-slot chain in one pass over each row
+                g, u, t0 = x.new_empty(idx.numel(), inter), x.new_empty(idx.numel(), inter), a.new_empty(a.shape[0], r)
+                kernels.forward(g0, u0, idx, a, b_g_p[e], b_u_p[e], a_d[e], w, g, u, t0, mixed)
+            else:
+                # gathered rows are their own buffers: the LoRA terms go in place
+                g = g0.index_select(0, idx).addmm_(a[:, :r], b_g[e].t())  # (n, I)
+                u = u0.index_select(0, idx).addmm_(a[:, r:], b_u[e].t())  # (n, I)
+                h = F.silu(g).mul_(u)  # (n, I)
+                t0 = F.linear(h, a_d[e])  # (n, r)
+                mixed.index_add_(0, idx, h.mul_(w))
             delta.index_add_(0, idx, F.linear(t0 * (w * s), b_d[e]))
-            mixed.index_add_(0, idx, h.mul_(w))
             saved.append((g, u, a, t0))
         out = torch.addmm(delta, mixed, w_d.t())  # (T, H)
         ctx.saved = saved
@@ -484,6 +500,9 @@ class _LoRAExpertLoop(torch.autograd.Function):
         else:
             grad_g0, grad_u0 = x.new_zeros(x.shape[0], inter), x.new_zeros(x.shape[0], inter)
         grad_x = torch.zeros_like(x) if need[0] else None  # the LoRA A terms; the frozen products are added at the end
+        kernels = _native_kernels(x, inter)
+        if kernels is not None:  # B factors as (r, I) rows for the row dot products, A_down in column slices
+            b_g_t, b_u_t, a_d_p = b_g.transpose(1, 2).contiguous(), b_u.transpose(1, 2).contiguous(), kernels.pack(a_d)
         grad_w_chunks = grad_w.split(ctx.counts) if grad_w is not None else [None] * len(ctx.counts)
         chunks = zip(token_index.split(ctx.counts), weight.unsqueeze(-1).split(ctx.counts), grad_w_chunks, ctx.saved)
         for e, (idx, w, grad_w_e, saved) in enumerate(chunks):
@@ -493,35 +512,45 @@ class _LoRAExpertLoop(torch.autograd.Function):
                         buf[e].zero_()
                 continue
             g, u, a, t0 = saved
-            act = F.silu(g)
-            h = act * u  # (n, I), recomputed
             ws = w * s
             go = grad_out.index_select(0, idx)  # (n, H)
             grad_t = go @ b_d[e]  # (n, r): gradient of t = ws * t0
             if grads[7] is not None:  # (H, r)
                 _tall_skinny_grad(t0 * ws, go, out=grads[7][e])
-            gm = grad_mixed.index_select(0, idx)  # (n, I), its own buffer
-            if grad_w_e is not None:  # d/dw of w h and of s w t0: row dot products
-                torch.sum(gm * h, dim=-1, out=grad_w_e)
-                grad_w_e += (grad_t * t0).sum(-1) * s
-            grad_t0 = grad_t.mul_(ws)  # (n, r)
-            if grads[6] is not None:
-                torch.mm(grad_t0.t(), h, out=grads[6][e])  # (r, I)
-            grad_h = gm.mul_(w).addmm_(grad_t0, a_d[e])  # (n, I): both paths into one buffer
-            grad_u = torch.mul(grad_h, act, out=h)  # h is not needed any more: its buffer takes grad_u
-            grad_g = torch.ops.aten.silu_backward(grad_h.mul_(u), g)
-            grad_g0.index_add_(0, idx, grad_g)
-            grad_u0.index_add_(0, idx, grad_u)
-            if grads[4] is not None:
-                _tall_skinny_grad(a[:, :r], grad_g, out=grads[4][e])  # (I, r)
-            if grads[5] is not None:
-                _tall_skinny_grad(a[:, r:], grad_u, out=grads[5][e])
-            if grads[3] is not None or grad_x is not None:
+            if kernels is not None:  # the per-slot chain and the factor gradients in one pass over the rows
+                grad_t0 = grad_t * ws  # (n, r)
+                dot, grad_a, grad_bg, grad_bu, grad_ad = kernels.backward(
+                    s, g, u, grad_mixed, idx, grad_t0, a, b_g_t[e], b_u_t[e], a_d_p[e], w, grad_g0, grad_u0
+                )
+                if grad_w_e is not None:
+                    torch.add(dot, (grad_t * t0).sum(-1), alpha=s, out=grad_w_e)
+                for i, grad in ((4, grad_bg), (5, grad_bu), (6, grad_ad)):
+                    if grads[i] is not None:
+                        grads[i][e] = grad
+            else:
+                act = F.silu(g)
+                h = act * u  # (n, I), recomputed
+                gm = grad_mixed.index_select(0, idx)  # (n, I), its own buffer
+                if grad_w_e is not None:  # d/dw of w h and of s w t0: row dot products
+                    torch.sum(gm * h, dim=-1, out=grad_w_e)
+                    grad_w_e += (grad_t * t0).sum(-1) * s
+                grad_t0 = grad_t.mul_(ws)  # (n, r)
+                if grads[6] is not None:
+                    torch.mm(grad_t0.t(), h, out=grads[6][e])  # (r, I)
+                grad_h = gm.mul_(w).addmm_(grad_t0, a_d[e])  # (n, I): both paths into one buffer
+                grad_u = torch.mul(grad_h, act, out=h)  # h is not needed any more: its buffer takes grad_u
+                grad_g = torch.ops.aten.silu_backward(grad_h.mul_(u), g)
+                grad_g0.index_add_(0, idx, grad_g)
+                grad_u0.index_add_(0, idx, grad_u)
                 grad_a = torch.cat([grad_g @ b_g[e], grad_u @ b_u[e]], dim=-1).mul_(s)  # (n, 2r), before scaling
-                if grads[3] is not None:
-                    torch.mm(grad_a.t(), x.index_select(0, idx), out=grads[3][e])  # (2r, H)
-                if grad_x is not None:
-                    grad_x.index_add_(0, idx, grad_a @ a_gu[e])
+                if grads[4] is not None:
+                    _tall_skinny_grad(a[:, :r], grad_g, out=grads[4][e])  # (I, r)
+                if grads[5] is not None:
+                    _tall_skinny_grad(a[:, r:], grad_u, out=grads[5][e])
+            if grads[3] is not None:
+                torch.mm(grad_a.t(), x.index_select(0, idx), out=grads[3][e])  # (2r, H)
+            if grad_x is not None:
+                grad_x.index_add_(0, idx, grad_a @ a_gu[e])
         if grad_x is not None:  # + the frozen gate and up products' input gradients
             grad_x.addmm_(grad_g0, w_gu[:inter]).addmm_(grad_u0, w_gu[inter:])
         grad_w_gu = torch.cat([grad_g0.t() @ x, grad_u0.t() @ x]) if need[1] else None

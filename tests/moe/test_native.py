@@ -1,0 +1,178 @@
+"""The compiled LoRA-expert kernels: parity with the formula written in plain tensor ops, and the build's fallbacks."""
+
+import shutil
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from unimoe.moe import LoRAExperts, make_plan, native
+from unimoe.moe.experts import _LoRAExpertLoop, _native_kernels
+
+needs_compiler = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler on this machine")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """A clean build cache and a cleared ``lora_kernels`` memo; the memo is cleared again afterwards."""
+    monkeypatch.setenv("UNIMOE_CACHE", str(tmp_path))
+    monkeypatch.delenv("UNIMOE_NATIVE", raising=False)
+    native.lora_kernels.cache_clear()
+    yield tmp_path
+    native.lora_kernels.cache_clear()
+
+
+def reference(x, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d, weight, keep, token_index, counts, s):
+    """The LoRA-expert layer one routed slot at a time, through autograd."""
+    t, (e, i, r) = x.shape[0], b_g.shape
+    g0, u0 = F.linear(x, w_gu).chunk(2, dim=-1)
+    mixed = torch.zeros(t, i, dtype=x.dtype) if keep is None else F.silu(g0) * u0 * keep[:, None]
+    delta = torch.zeros_like(x)
+    experts = torch.repeat_interleave(torch.arange(e), torch.tensor(counts))
+    for slot, (tok, ex) in enumerate(zip(token_index.tolist(), experts.tolist())):
+        a = s * a_gu[ex] @ x[tok]
+        hid = F.silu(g0[tok] + b_g[ex] @ a[:r]) * (u0[tok] + b_u[ex] @ a[r:])
+        mixed = mixed.index_add(0, torch.tensor([tok]), (weight[slot] * hid)[None])
+        delta = delta.index_add(0, torch.tensor([tok]), (s * weight[slot] * b_d[ex] @ (a_d[ex] @ hid))[None])
+    return mixed @ w_d.T + delta
+
+
+@needs_compiler
+@pytest.mark.parametrize("rank", [4, 16])
+@pytest.mark.parametrize("with_keep", [False, True], ids=["weights-sum-to-one", "keep-term"])
+def test_native_lora_loop_matches_reference(rank, with_keep):
+    """Output and every gradient of the kernel path against the float64 reference. The sizes leave partial tiles and a
+    partial column block (37 tokens, I = 160 = 128 + 32) and one expert without tokens."""
+    t, h, i, e, s = 37, 24, 160, 4, 0.6
+    g = torch.Generator().manual_seed(rank)
+    assert _native_kernels(torch.zeros(1), i) is not None, "the kernels should build on this machine"
+
+    scores = torch.rand(t, e, generator=g)
+    scores[:, 2] = -1.0  # expert 2 gets no tokens
+    top = scores.topk(2, dim=-1).indices  # (T, 2)
+    order = top.flatten().argsort(stable=True)
+    token_index = torch.arange(t).repeat_interleave(2)[order]
+    counts = torch.bincount(top.flatten(), minlength=e).tolist()
+    assert counts[2] == 0
+
+    def make(*shape, std=1.0, grad=True):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * std).requires_grad_(grad)
+
+    inputs = [
+        make(t, h),
+        make(2 * i, h, std=0.3),  # gate | up
+        make(h, i, std=0.1),
+        make(e, 2 * rank, h, std=0.3),  # A gate | up
+        make(e, i, rank, std=0.3),
+        make(e, i, rank, std=0.3),
+        make(e, rank, i, std=0.1),
+        make(e, h, rank, std=0.3),
+        torch.rand(2 * t, generator=g, dtype=torch.float64).requires_grad_(),
+        torch.rand(t, generator=g, dtype=torch.float64).requires_grad_() if with_keep else None,
+    ]
+    grad_out = torch.randn(t, h, generator=g, dtype=torch.float64)
+
+    def run(fn, tensors):
+        tensors = [None if v is None else v.detach().clone().requires_grad_() for v in tensors]
+        out = fn(*tensors, token_index, counts, s)
+        out.backward(grad_out.to(out.dtype))
+        return out.detach(), [None if v is None else v.grad for v in tensors]
+
+    ref_out, ref_grads = run(reference, inputs)
+    out, grads = run(_LoRAExpertLoop.apply, [None if v is None else v.float() for v in inputs])
+    torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
+    for name, got, want in zip(["x", "w_gu", "w_d", "a_gu", "b_g", "b_u", "a_d", "b_d", "weight", "keep"], grads,
+                               ref_grads):  # fmt: skip
+        if want is None:
+            continue
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_compiler
+def test_native_and_torch_ops_paths_agree_in_the_layer(monkeypatch):
+    """The LoRA experts module with the kernels and with ``UNIMOE_NATIVE=0``: same outputs and gradients."""
+    torch.manual_seed(0)
+    experts = LoRAExperts(num_experts=5, hidden_size=32, intermediate_size=64, lora_rank=8)
+    with torch.no_grad():
+        for name in ("lora_B_gate", "lora_B_up", "lora_B_down"):
+            getattr(experts, name).normal_(std=0.2)
+    x = torch.randn(50, 32)
+    scores = torch.randn(50, 5)
+    index = scores.topk(2, dim=-1).indices
+    weight = scores.softmax(-1).gather(1, index)  # not renormalized: the frozen FFN's keep term is live
+    plan = make_plan(index, weight, torch.ones_like(index, dtype=torch.bool), 5)
+
+    def run():
+        experts.zero_grad(set_to_none=True)
+        xx = x.clone().requires_grad_()
+        out = experts(xx, plan)
+        out.pow(2).sum().backward()
+        return out.detach(), xx.grad, {n: p.grad.clone() for n, p in experts.named_parameters() if p.requires_grad}
+
+    native.lora_kernels.cache_clear()
+    out, grad_x, grads = run()
+    monkeypatch.setenv("UNIMOE_NATIVE", "0")
+    native.lora_kernels.cache_clear()
+    try:
+        assert _native_kernels(x, 64) is None
+        ref_out, ref_grad_x, ref_grads = run()
+    finally:
+        native.lora_kernels.cache_clear()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad_x, ref_grad_x, rtol=1e-5, atol=1e-6)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_kernels_apply_only_to_float32_cpu_and_whole_vectors():
+    if native.lora_kernels() is None:
+        pytest.skip("no native kernels here")
+    assert _native_kernels(torch.zeros(1), 48) is not None
+    assert _native_kernels(torch.zeros(1), 40) is None  # not a multiple of 16 columns
+    assert _native_kernels(torch.zeros(1, dtype=torch.float64), 48) is None
+    assert _native_kernels(torch.zeros(1, dtype=torch.bfloat16), 48) is None
+
+
+@needs_compiler
+def test_build_is_cached_and_reused(fresh_build, monkeypatch):
+    assert native.lora_kernels() is not None
+    files = [p.name for p in (fresh_build / "native").iterdir()]
+    assert len(files) == 1 and files[0].startswith("lora_swiglu-"), files  # no temporary file left
+    native.lora_kernels.cache_clear()
+
+    def no_compile(*_):
+        raise AssertionError("rebuilt although the cached library matches")
+
+    monkeypatch.setattr(native, "_compile", no_compile)
+    assert native.lora_kernels() is not None
+
+
+def test_without_a_compiler_the_layer_falls_back_with_one_warning(fresh_build, monkeypatch):
+    monkeypatch.setenv("CC", "no-such-compiler-unimoe")
+    with pytest.warns(UserWarning, match="no C compiler"):
+        assert native.lora_kernels() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.lora_kernels() is None  # memoized: warned once
+    experts = LoRAExperts(num_experts=2, hidden_size=8, intermediate_size=16, lora_rank=2)
+    index = torch.tensor([[0], [1], [0]])
+    out = experts(torch.randn(3, 8), make_plan(index, torch.ones(3, 1), torch.ones_like(index, dtype=torch.bool), 2))
+    assert out.shape == (3, 8) and torch.isfinite(out).all()
+
+
+def test_a_failing_compiler_gives_a_warning_naming_it(fresh_build, monkeypatch):
+    broken = fresh_build / "broken-cc"
+    broken.write_text("#!/bin/sh\necho 'cc1: fatal error: out of cheese' >&2\nexit 1\n")
+    broken.chmod(0o755)
+    monkeypatch.setenv("CC", str(broken))
+    with pytest.warns(UserWarning, match="out of cheese"):
+        assert native.lora_kernels() is None
+    assert not list((fresh_build / "native").iterdir())  # no half-written library left behind
+
+
+def test_switched_off_by_environment(fresh_build, monkeypatch):
+    monkeypatch.setenv("UNIMOE_NATIVE", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert native.lora_kernels() is None
