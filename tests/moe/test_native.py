@@ -90,8 +90,11 @@ def test_native_lora_loop_matches_reference(rank, with_keep):
 
 
 @needs_compiler
-def test_native_and_torch_ops_paths_agree_in_the_layer(monkeypatch):
-    """The LoRA experts module with the kernels and with ``UNIMOE_NATIVE=0``: same outputs and gradients."""
+@pytest.mark.parametrize("routing", ["softmax", "renormalized-with-padding"])
+def test_native_and_torch_ops_paths_agree_in_the_layer(monkeypatch, routing):
+    """The LoRA experts module with the kernels and with ``UNIMOE_NATIVE=0``: same outputs and gradients. Softmax
+    weights leave the frozen FFN's keep term live; renormalized ones skip it, and padding tokens (no computed slot)
+    are rows the kernels never write, which must come out zero."""
     torch.manual_seed(0)
     experts = LoRAExperts(num_experts=5, hidden_size=32, intermediate_size=64, lora_rank=8)
     with torch.no_grad():
@@ -100,8 +103,13 @@ def test_native_and_torch_ops_paths_agree_in_the_layer(monkeypatch):
     x = torch.randn(50, 32)
     scores = torch.randn(50, 5)
     index = scores.topk(2, dim=-1).indices
-    weight = scores.softmax(-1).gather(1, index)  # not renormalized: the frozen FFN's keep term is live
-    plan = make_plan(index, weight, torch.ones_like(index, dtype=torch.bool), 5)
+    weight = scores.softmax(-1).gather(1, index)
+    computed = torch.ones_like(index, dtype=torch.bool)
+    if routing == "softmax":
+        plan = make_plan(index, weight, computed, 5)
+    else:
+        computed[[3, 17, 49]] = False  # padding
+        plan = make_plan(index, weight / weight.sum(-1, keepdim=True), computed, 5, weights_sum_to_one=True)
 
     def run():
         experts.zero_grad(set_to_none=True)
@@ -121,6 +129,8 @@ def test_native_and_torch_ops_paths_agree_in_the_layer(monkeypatch):
         native.lora_kernels.cache_clear()
     torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad_x, ref_grad_x, rtol=1e-5, atol=1e-6)
+    if routing != "softmax":
+        assert out[[3, 17, 49]].abs().max() == 0
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 

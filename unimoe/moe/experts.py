@@ -403,6 +403,17 @@ def _native_kernels(x: torch.Tensor, inter: int) -> native.LoRAKernels | None:
     return kernels if kernels is not None and kernels.supports(inter) else None
 
 
+def _written_flags(num_tokens: int, all_written: bool) -> torch.Tensor:
+    """The kernels' per-token flags: a row not yet written is set by its first slot instead of added to."""
+    return (torch.ones if all_written else torch.zeros)(num_tokens, dtype=torch.uint8)
+
+
+def _zero_unwritten(buf: torch.Tensor, written: torch.Tensor) -> None:
+    """Zero the rows of ``buf`` that no slot wrote (tokens routed only to null experts, or dropped)."""
+    if not bool(written.all()):
+        buf[written == 0] = 0
+
+
 def _tall_skinny_grad(narrow: torch.Tensor, wide: torch.Tensor, out: torch.Tensor) -> None:
     """``out = wide.T @ narrow`` (``wide (n, W)``, ``narrow (n, r)``, ``out (W, r)``: a LoRA factor's gradient),
     computed as ``(narrow.T @ wide).T``: with the rank as the product's first dimension the CPU BLAS runs it ~1.4x
@@ -440,14 +451,15 @@ class _LoRAExpertLoop(torch.autograd.Function):
         num_tokens, inter, r = x.shape[0], w_d.shape[1], b_g.shape[2]
         w_g, w_u = w_gu[:inter], w_gu[inter:]
         g0, u0 = F.linear(x, w_g), F.linear(x, w_u)  # (T, I) each: the frozen gate and up
+        kernels = _native_kernels(x, inter)
         if keep is not None:
             mixed = F.silu(g0).mul_(u0).mul_(keep.unsqueeze(-1))  # (T, I)
-        else:
-            mixed = x.new_zeros(num_tokens, inter)
+        else:  # the kernels set each row at its first slot: no zero fill
+            mixed = x.new_zeros(num_tokens, inter) if kernels is None else x.new_empty(num_tokens, inter)
         delta = x.new_zeros(x.shape)  # (T, H): the LoRA down-projection terms
-        kernels = _native_kernels(x, inter)
         if kernels is not None:  # the B factors in column slices for the kernel's rank-r updates
             b_g_p, b_u_p = kernels.pack(b_g.transpose(1, 2)), kernels.pack(b_u.transpose(1, 2))
+            written = _written_flags(num_tokens, keep is not None)
         saved = []
         for e, (idx, w) in enumerate(zip(token_index.split(counts), weight.unsqueeze(-1).split(counts))):
             if idx.numel() == 0:
@@ -456,7 +468,7 @@ class _LoRAExpertLoop(torch.autograd.Function):
             a = F.linear(x.index_select(0, idx), a_gu[e]).mul_(s)  # (n, 2r)
             if kernels is not None:  # the whole per-slot chain in one pass over each row
                 g, u, t0 = x.new_empty(idx.numel(), inter), x.new_empty(idx.numel(), inter), a.new_empty(a.shape[0], r)
-                kernels.forward(g0, u0, idx, a, b_g_p[e], b_u_p[e], a_d[e], w, g, u, t0, mixed)
+                kernels.forward(g0, u0, idx, a, b_g_p[e], b_u_p[e], a_d[e], w, g, u, t0, mixed, written)
             else:
                 # gathered rows are their own buffers: the LoRA terms go in place
                 g = g0.index_select(0, idx).addmm_(a[:, :r], b_g[e].t())  # (n, I)
@@ -466,6 +478,8 @@ class _LoRAExpertLoop(torch.autograd.Function):
                 mixed.index_add_(0, idx, h.mul_(w))
             delta.index_add_(0, idx, F.linear(t0 * (w * s), b_d[e]))
             saved.append((g, u, a, t0))
+        if kernels is not None:
+            _zero_unwritten(mixed, written)
         out = torch.addmm(delta, mixed, w_d.t())  # (T, H)
         ctx.saved = saved
         ctx.counts = counts
@@ -490,6 +504,7 @@ class _LoRAExpertLoop(torch.autograd.Function):
         }
         grad_w = torch.zeros_like(weight) if need[8] else None  # (N,), filled per expert through split views
         grad_keep = None
+        kernels = _native_kernels(x, inter)
         if keep is not None:  # the frozen FFN's own share: keep * silu(g0) * u0
             act0 = F.silu(g0)
             if need[9]:
@@ -497,12 +512,13 @@ class _LoRAExpertLoop(torch.autograd.Function):
             grad_base = grad_mixed * keep.unsqueeze(-1)
             grad_u0 = grad_base * act0  # (T, I) each, fully written here; the slots add to them
             grad_g0 = torch.ops.aten.silu_backward(grad_base.mul_(u0), g0)
-        else:
-            grad_g0, grad_u0 = x.new_zeros(x.shape[0], inter), x.new_zeros(x.shape[0], inter)
+        else:  # zeros, or (kernels) rows set by their first slot
+            new = x.new_zeros if kernels is None else x.new_empty
+            grad_g0, grad_u0 = new(x.shape[0], inter), new(x.shape[0], inter)
         grad_x = torch.zeros_like(x) if need[0] else None  # the LoRA A terms; the frozen products are added at the end
-        kernels = _native_kernels(x, inter)
         if kernels is not None:  # B factors as (r, I) rows for the row dot products, A_down in column slices
             b_g_t, b_u_t, a_d_p = b_g.transpose(1, 2).contiguous(), b_u.transpose(1, 2).contiguous(), kernels.pack(a_d)
+            written = _written_flags(x.shape[0], keep is not None)
         grad_w_chunks = grad_w.split(ctx.counts) if grad_w is not None else [None] * len(ctx.counts)
         chunks = zip(token_index.split(ctx.counts), weight.unsqueeze(-1).split(ctx.counts), grad_w_chunks, ctx.saved)
         for e, (idx, w, grad_w_e, saved) in enumerate(chunks):
@@ -520,7 +536,7 @@ class _LoRAExpertLoop(torch.autograd.Function):
             if kernels is not None:  # the per-slot chain and the factor gradients in one pass over the rows
                 grad_t0 = grad_t * ws  # (n, r)
                 dot, grad_a, grad_bg, grad_bu, grad_ad = kernels.backward(
-                    s, g, u, grad_mixed, idx, grad_t0, a, b_g_t[e], b_u_t[e], a_d_p[e], w, grad_g0, grad_u0
+                    s, g, u, grad_mixed, idx, grad_t0, a, b_g_t[e], b_u_t[e], a_d_p[e], w, grad_g0, grad_u0, written
                 )
                 if grad_w_e is not None:
                     torch.add(dot, (grad_t * t0).sum(-1), alpha=s, out=grad_w_e)
@@ -551,6 +567,9 @@ class _LoRAExpertLoop(torch.autograd.Function):
                 torch.mm(grad_a.t(), x.index_select(0, idx), out=grads[3][e])  # (2r, H)
             if grad_x is not None:
                 grad_x.index_add_(0, idx, grad_a @ a_gu[e])
+        if kernels is not None:
+            _zero_unwritten(grad_g0, written)
+            _zero_unwritten(grad_u0, written)
         if grad_x is not None:  # + the frozen gate and up products' input gradients
             grad_x.addmm_(grad_g0, w_gu[:inter]).addmm_(grad_u0, w_gu[inter:])
         grad_w_gu = torch.cat([grad_g0.t() @ x, grad_u0.t() @ x]) if need[1] else None

@@ -100,6 +100,18 @@ static inline void prefetch_block(const float *p, int64_t left) {
     for (int64_t i = 0; i < m; i += 64 / sizeof(float)) __builtin_prefetch(p + i);
 }
 
+/* dst[i] = scale src[i] (set) or dst[i] += scale src[i] for i < m: a scatter row's first writer sets it, so the
+ * caller need not zero the (T, I) destination (a 16 MB fill at T = I = 2048, page faults included) */
+static inline void put(float *restrict dst, const float *restrict src, float scale, int64_t m, int set) {
+    if (set) {
+#pragma omp simd
+        for (int64_t i = 0; i < m; i++) dst[i] = scale * src[i];
+    } else {
+#pragma omp simd
+        for (int64_t i = 0; i < m; i++) dst[i] += scale * src[i];
+    }
+}
+
 /* acc[l] += sum of x[i] y[i] over i = l (mod LANES), i < m: a dot product left in LANES partial sums (four chains of
  * them while it runs, for the same reason as above) */
 static inline void lane_dot(float *restrict acc, const float *restrict x, const float *restrict y, int64_t m) {
@@ -124,16 +136,19 @@ static inline float lane_sum(const float *acc) {
 
 /* Forward, one expert:
  *   g = g0[t] + a_g bg,  u = u0[t] + a_u bu,  h = silu(g) * u,  t0 = h ad^T,  mixed[t] += w h
- * g and u are written out (the backward recomputes h from them). */
+ * g and u are written out (the backward recomputes h from them). written (T,) flags the rows of mixed that hold a
+ * value: a row's first writer sets it instead of adding (the caller zeroes the rows no slot wrote, if any). */
 void unimoe_lora_forward(int64_t n, int64_t I, int64_t r, const float *g0, const float *u0, const int64_t *index,
                          const float *a, const float *bg_packed, const float *bu_packed, const float *ad, const float *w, float *g,
-                         float *u, float *t0, float *mixed, int threads) {
+                         float *u, float *t0, float *mixed, uint8_t *written, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t j0 = 0; j0 < n; j0 += ROWS) {
         const int64_t nr = n - j0 < ROWS ? n - j0 : ROWS;
         float hb[ROWS][BLOCK];
         float acc[ROWS][r][LANES];
+        int set[ROWS];
         memset(acc, 0, sizeof(acc));
+        for (int64_t q = 0; q < nr; q++) set[q] = !written[index[j0 + q]];
         for (int64_t c = 0; c < I; c += BLOCK) {
             const int64_t m = I - c < BLOCK ? I - c : BLOCK;
             for (int64_t q = 0; q < nr; q++) {
@@ -150,18 +165,19 @@ void unimoe_lora_forward(int64_t n, int64_t I, int64_t r, const float *g0, const
 #pragma omp simd
                 for (int64_t i = 0; i < m; i++) {
                     const float gv = gj[i];
-                    const float hv = gv / (1.0f + exp_f32(-gv)) * uj[i];
-                    hq[i] = hv;
-                    mr[i] += wj * hv;
+                    hq[i] = gv / (1.0f + exp_f32(-gv)) * uj[i];
                 }
+                put(mr, hq, wj, m, set[q]);
             }
             for (int64_t k = 0; k < r; k++) {
                 const float *adk = ad + k * I + c;
                 for (int64_t q = 0; q < nr; q++) lane_dot(acc[q][k], hb[q], adk, m);
             }
         }
-        for (int64_t q = 0; q < nr; q++)
+        for (int64_t q = 0; q < nr; q++) {
+            written[index[j0 + q]] = 1;
             for (int64_t k = 0; k < r; k++) t0[(j0 + q) * r + k] = lane_sum(acc[q][k]);
+        }
     }
 }
 
@@ -187,13 +203,14 @@ static inline void tile_outer(float *restrict acc, const float *restrict coef, c
  *   grad_a = s [grad_g bg^T, grad_u bu^T],
  *   and the expert's factor gradients  grad_bg += grad_g^T a_g,  grad_bu += grad_u^T a_u,  grad_ad += grad_t0^T h
  * (a = s x A_gu^T as in the forward), each thread adding into its own copy in column slices: grad_bg, grad_bu and
- * grad_ad are (threads, I / LANES, r, LANES), zeroed by the caller, who sums the copies. Summed here rather than as
+ * grad_ad are (threads, I / LANES, r, LANES), zeroed by the caller, who sums the copies. written flags rows of
+ * grad_g0 and grad_u0 as in the forward. Summed here rather than as
  * (r, n) x (n, I) products after the loop: those re-read three (n, I) tensors that this loop would have to write. */
 void unimoe_lora_backward(int64_t n, int64_t I, int64_t r, float s, const float *g, const float *u,
                           const float *grad_mixed, const int64_t *index, const float *grad_t0, const float *a,
                           const float *bg, const float *bu, const float *ad_packed, const float *w, float *grad_g0,
                           float *grad_u0, float *dot, float *grad_a, float *grad_bg, float *grad_bu, float *grad_ad,
-                          int threads) {
+                          uint8_t *written, int threads) {
 #pragma omp parallel num_threads(threads)
     {
         const int64_t copy = (int64_t)omp_get_thread_num() * I * r;
@@ -204,6 +221,8 @@ void unimoe_lora_backward(int64_t n, int64_t I, int64_t r, float s, const float 
             float gh[ROWS][BLOCK], hb[ROWS][BLOCK], ggb[ROWS][BLOCK], gub[ROWS][BLOCK];
             float acc_g[ROWS][r][LANES], acc_u[ROWS][r][LANES], dots[ROWS][LANES];
             float coef_g[ROWS * r], coef_u[ROWS * r];  /* the tile's a_g and a_u rows, packed */
+            int set[ROWS];
+            for (int64_t q = 0; q < nr; q++) set[q] = !written[index[j0 + q]];
             memset(acc_g, 0, sizeof(acc_g));
             memset(acc_u, 0, sizeof(acc_u));
             memset(dots, 0, sizeof(dots));
@@ -235,9 +254,9 @@ void unimoe_lora_backward(int64_t n, int64_t I, int64_t r, float s, const float 
                         hq[i] = act * uv;
                         ggq[i] = gg;
                         guq[i] = gu;
-                        gg0r[i] += gg;
-                        gu0r[i] += gu;
                     }
+                    put(gg0r, ggq, 1.0f, m, set[q]);
+                    put(gu0r, guq, 1.0f, m, set[q]);
                     lane_dot(dots[q], gmr, hq, m);
                 }
                 for (int64_t k = 0; k < r; k++) {
@@ -253,6 +272,7 @@ void unimoe_lora_backward(int64_t n, int64_t I, int64_t r, float s, const float 
             }
             for (int64_t q = 0; q < nr; q++) {
                 const int64_t j = j0 + q;
+                written[index[j]] = 1;
                 dot[j] = lane_sum(dots[q]);
                 for (int64_t k = 0; k < r; k++) {
                     grad_a[j * 2 * r + k] = s * lane_sum(acc_g[q][k]);
