@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from unimoe.moe import MoEConfig, SparseMoEBlock, SwiGLU  # noqa: E402
+from unimoe.moe import MoEConfig, SparseMoEBlock, SwiGLU, native  # noqa: E402
 from unimoe.moe.dispatch import use_grouped_mm  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -331,6 +331,7 @@ def env_info(device: torch.device = CPU, dtype: torch.dtype = torch.float32) -> 
         "cpu_count": os.cpu_count(),
         "dtype": str(dtype).removeprefix("torch."),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "lora_native_kernels": native.lora_kernels() is not None,  # C kernels for the LoRA experts (fp32 CPU)
     }
 
 
