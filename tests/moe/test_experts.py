@@ -118,7 +118,7 @@ def test_lora_weights_sum_to_one_skips_only_a_zero_term(monkeypatch):
 
 @pytest.mark.parametrize("with_keep", [False, True], ids=["weights-sum-to-one", "keep-term"])
 @pytest.mark.parametrize("train_base", [False, True], ids=["frozen-ffn", "trained-ffn"])
-def test_fused_lora_expert_loop_backward_matches_autograd(with_keep, train_base):
+def test_fused_lora_expert_loop_backward_matches_autograd(with_keep, train_base, lora_loop_reference):
     """The hand-written backward of the LoRA-expert loop (float64 gradcheck): with and without the frozen FFN's
     ``keep`` term, with the dense FFN frozen or trained, an expert without tokens included; and its output against
     the formula written with plain tensor ops."""
@@ -144,19 +144,7 @@ def test_fused_lora_expert_loop_backward_matches_autograd(with_keep, train_base)
     inputs = (x, w_gu, w_d, *lora, weight, keep)
     assert torch.autograd.gradcheck(fused, inputs)
 
-    def reference(x, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d, weight, keep):
-        g0, u0 = F.linear(x, w_gu).chunk(2, dim=-1)
-        mixed = torch.zeros(t, i, dtype=x.dtype) if keep is None else F.silu(g0) * u0 * keep[:, None]
-        delta = torch.zeros_like(x)
-        experts = torch.repeat_interleave(torch.arange(e), torch.tensor(counts))
-        for slot, (tok, ex) in enumerate(zip(token_index.tolist(), experts.tolist())):
-            a = s * a_gu[ex] @ x[tok]
-            hid = F.silu(g0[tok] + b_g[ex] @ a[:r]) * (u0[tok] + b_u[ex] @ a[r:])
-            mixed = mixed.index_add(0, torch.tensor([tok]), (weight[slot] * hid)[None])
-            delta = delta.index_add(0, torch.tensor([tok]), (s * weight[slot] * b_d[ex] @ (a_d[ex] @ hid))[None])
-        return mixed @ w_d.T + delta
-
-    torch.testing.assert_close(fused(*inputs), reference(*inputs))
+    torch.testing.assert_close(fused(*inputs), lora_loop_reference(*inputs, token_index, counts, s))
 
 
 @pytest.mark.parametrize("width", [4, 10])  # the expert FFN narrower / wider than hidden

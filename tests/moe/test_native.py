@@ -5,7 +5,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from unimoe.moe import LoRAExperts, make_plan, native
 from unimoe.moe.experts import _LoRAExpertLoop, _native_kernels
@@ -23,27 +22,15 @@ def fresh_build(monkeypatch, tmp_path):
     native.lora_kernels.cache_clear()
 
 
-def reference(x, w_gu, w_d, a_gu, b_g, b_u, a_d, b_d, weight, keep, token_index, counts, s):
-    """The LoRA-expert layer one routed slot at a time, through autograd."""
-    t, (e, i, r) = x.shape[0], b_g.shape
-    g0, u0 = F.linear(x, w_gu).chunk(2, dim=-1)
-    mixed = torch.zeros(t, i, dtype=x.dtype) if keep is None else F.silu(g0) * u0 * keep[:, None]
-    delta = torch.zeros_like(x)
-    experts = torch.repeat_interleave(torch.arange(e), torch.tensor(counts))
-    for slot, (tok, ex) in enumerate(zip(token_index.tolist(), experts.tolist())):
-        a = s * a_gu[ex] @ x[tok]
-        hid = F.silu(g0[tok] + b_g[ex] @ a[:r]) * (u0[tok] + b_u[ex] @ a[r:])
-        mixed = mixed.index_add(0, torch.tensor([tok]), (weight[slot] * hid)[None])
-        delta = delta.index_add(0, torch.tensor([tok]), (s * weight[slot] * b_d[ex] @ (a_d[ex] @ hid))[None])
-    return mixed @ w_d.T + delta
-
-
 @needs_compiler
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("rank", [4, 16])
 @pytest.mark.parametrize("with_keep", [False, True], ids=["weights-sum-to-one", "keep-term"])
-def test_native_lora_loop_matches_reference(rank, with_keep):
+def test_native_lora_loop_matches_reference(rank, with_keep, threads, lora_loop_reference):
     """Output and every gradient of the kernel path against the float64 reference. The sizes leave partial tiles and a
-    partial column block (37 tokens, I = 160 = 128 + 32) and one expert without tokens."""
+    partial column block (37 tokens, I = 160 = 128 + 32) and one expert without tokens; with 2 threads the factor
+    gradients are summed from per-thread copies."""
+    torch.set_num_threads(threads)  # conftest restores it
     t, h, i, e, s = 37, 24, 160, 4, 0.6
     g = torch.Generator().manual_seed(rank)
     assert _native_kernels(torch.zeros(1), i) is not None, "the kernels should build on this machine"
@@ -79,7 +66,7 @@ def test_native_lora_loop_matches_reference(rank, with_keep):
         out.backward(grad_out.to(out.dtype))
         return out.detach(), [None if v is None else v.grad for v in tensors]
 
-    ref_out, ref_grads = run(reference, inputs)
+    ref_out, ref_grads = run(lora_loop_reference, inputs)
     out, grads = run(_LoRAExpertLoop.apply, [None if v is None else v.float() for v in inputs])
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-4, atol=1e-5)
     for name, got, want in zip(["x", "w_gu", "w_d", "a_gu", "b_g", "b_u", "a_d", "b_d", "weight", "keep"], grads,
