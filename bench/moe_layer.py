@@ -1,6 +1,6 @@
 """Benchmark of the sparse MoE layer against a dense MLP and transformers' own MoE block (CPU, fp32).
 
-    python bench/moe_layer.py --json bench/results/moe_layer.json     # full run (~2-3 min on 2 cores)
+    python bench/moe_layer.py --json bench/results/moe_layer.json     # full run (~1.5 min a process on 2 cores)
     python bench/moe_layer.py --quick --json /tmp/moe.json             # smoke mode (tiny sizes, 1 repetition)
     python bench/moe_layer.py --device cuda --dtype bfloat16 --tokens 16384 --json OUT.json   # on a GPU
 
@@ -23,7 +23,8 @@ Columns
 
 For ``lora-E8-r16-top2`` the transformers columns are the Qwen2-MoE block with 8 FFN experts whose width gives the
 same active FLOPs as the frozen FFN (top-2 of width 1024 = one FFN of width 2048); it is a reference point, not
-the same model.
+the same model. Our LoRA loop runs the C kernels of ``unimoe/moe/native.py`` where a C compiler is found (the JSON's
+``env.lora_native_kernels``); ``UNIMOE_NATIVE=0`` times the torch-ops version instead.
 """
 
 from __future__ import annotations
