@@ -457,8 +457,12 @@ class _LoRAExpertLoop(torch.autograd.Function):
         else:  # the kernels set each row at its first slot: no zero fill
             mixed = x.new_zeros(num_tokens, inter) if kernels is None else x.new_empty(num_tokens, inter)
         delta = x.new_zeros(x.shape)  # (T, H): the LoRA down-projection terms
-        if kernels is not None:  # the B factors in column slices for the kernel's rank-r updates
-            b_g_p, b_u_p = kernels.pack(b_g.transpose(1, 2)), kernels.pack(b_u.transpose(1, 2))
+        if kernels is not None:  # the factors in column slices (see the C file)
+            b_g_p, b_u_p, a_d_p = (
+                kernels.pack(b_g.transpose(1, 2)),
+                kernels.pack(b_u.transpose(1, 2)),
+                kernels.pack(a_d),
+            )
             written = _written_flags(num_tokens, keep is not None)
         saved = []
         for e, (idx, w) in enumerate(zip(token_index.split(counts), weight.unsqueeze(-1).split(counts))):
@@ -468,7 +472,7 @@ class _LoRAExpertLoop(torch.autograd.Function):
             a = F.linear(x.index_select(0, idx), a_gu[e]).mul_(s)  # (n, 2r)
             if kernels is not None:  # the whole per-slot chain in one pass over each row
                 g, u, t0 = x.new_empty(idx.numel(), inter), x.new_empty(idx.numel(), inter), a.new_empty(a.shape[0], r)
-                kernels.forward(g0, u0, idx, a, b_g_p[e], b_u_p[e], a_d[e], w, g, u, t0, mixed, written)
+                kernels.forward(g0, u0, idx, a, b_g_p[e], b_u_p[e], a_d_p[e], w, g, u, t0, mixed, written)
             else:
                 # gathered rows are their own buffers: the LoRA terms go in place
                 g = g0.index_select(0, idx).addmm_(a[:, :r], b_g[e].t())  # (n, I)
@@ -516,8 +520,12 @@ class _LoRAExpertLoop(torch.autograd.Function):
             new = x.new_zeros if kernels is None else x.new_empty
             grad_g0, grad_u0 = new(x.shape[0], inter), new(x.shape[0], inter)
         grad_x = torch.zeros_like(x) if need[0] else None  # the LoRA A terms; the frozen products are added at the end
-        if kernels is not None:  # B factors as (r, I) rows for the row dot products, A_down in column slices
-            b_g_t, b_u_t, a_d_p = b_g.transpose(1, 2).contiguous(), b_u.transpose(1, 2).contiguous(), kernels.pack(a_d)
+        if kernels is not None:  # the factors in column slices (see the C file)
+            b_g_p, b_u_p, a_d_p = (
+                kernels.pack(b_g.transpose(1, 2)),
+                kernels.pack(b_u.transpose(1, 2)),
+                kernels.pack(a_d),
+            )
             written = _written_flags(x.shape[0], keep is not None)
         grad_w_chunks = grad_w.split(ctx.counts) if grad_w is not None else [None] * len(ctx.counts)
         chunks = zip(token_index.split(ctx.counts), weight.unsqueeze(-1).split(ctx.counts), grad_w_chunks, ctx.saved)
@@ -536,7 +544,7 @@ class _LoRAExpertLoop(torch.autograd.Function):
             if kernels is not None:  # the per-slot chain and the factor gradients in one pass over the rows
                 grad_t0 = grad_t * ws  # (n, r)
                 dot, grad_a, grad_bg, grad_bu, grad_ad = kernels.backward(
-                    s, g, u, grad_mixed, idx, grad_t0, a, b_g_t[e], b_u_t[e], a_d_p[e], w, grad_g0, grad_u0, written
+                    s, g, u, grad_mixed, idx, grad_t0, a, b_g_p[e], b_u_p[e], a_d_p[e], w, grad_g0, grad_u0, written
                 )
                 if grad_w_e is not None:
                     torch.add(dot, (grad_t * t0).sum(-1), alpha=s, out=grad_w_e)

@@ -98,15 +98,17 @@ class LoRAKernels:
             assert t.dtype in (torch.float32, torch.int64, torch.uint8), f"native kernels got {t.dtype}"
         return [t.data_ptr() for t in tensors]
 
-    def forward(self, g0, u0, index, a, bg_packed, bu_packed, a_d, w, g, u, t0, mixed, written) -> None:
+    def forward(self, g0, u0, index, a, bg_packed, bu_packed, ad_packed, w, g, u, t0, mixed, written) -> None:
         """``g, u, t0`` (written) and ``mixed`` (added to, or set where ``written`` (T,) uint8 is 0, which it then
         sets) for one expert's ``n = index.numel()`` slots."""
         n, inter = index.numel(), g0.shape[1]
         r = a.shape[1] // 2
-        ptrs = self._ptrs(g0, u0, index, a, bg_packed, bu_packed, a_d, w, g, u, t0, mixed, written)
+        ptrs = self._ptrs(g0, u0, index, a, bg_packed, bu_packed, ad_packed, w, g, u, t0, mixed, written)
         self._forward(n, inter, r, *ptrs, torch.get_num_threads())
 
-    def backward(self, s, g, u, grad_mixed, index, grad_t0, a, bg_t, bu_t, ad_packed, w, grad_g0, grad_u0, written):
+    def backward(
+        self, s, g, u, grad_mixed, index, grad_t0, a, bg_packed, bu_packed, ad_packed, w, grad_g0, grad_u0, written
+    ):
         """One expert's backward: adds to ``grad_g0, grad_u0`` (or sets them, as ``forward`` does ``mixed``) and
         returns ``dot (n,)`` (the rows' ``gm . h``), ``grad_a (n, 2r)`` and the factor gradients
         ``grad_b_gate (I, r)``, ``grad_b_up (I, r)``, ``grad_a_down (r, I)``."""
@@ -114,8 +116,8 @@ class LoRAKernels:
         threads = torch.get_num_threads()
         dot, grad_a = g.new_empty(n), g.new_empty(n, 2 * r)
         copies = g.new_zeros(3, threads, inter // self.lanes, r, self.lanes)  # per-thread sums, in column slices
-        ptrs = self._ptrs(g, u, grad_mixed, index, grad_t0, a, bg_t, bu_t, ad_packed, w, grad_g0, grad_u0, dot,
-                          grad_a, copies[0], copies[1], copies[2], written)  # fmt: skip
+        ptrs = self._ptrs(g, u, grad_mixed, index, grad_t0, a, bg_packed, bu_packed, ad_packed, w, grad_g0, grad_u0,
+                          dot, grad_a, copies[0], copies[1], copies[2], written)  # fmt: skip
         self._backward(n, inter, r, float(s), *ptrs, threads)
         sums = copies.sum(1)  # (3, I / lanes, r, lanes)
         as_columns = sums[:2].transpose(2, 3).reshape(2, inter, r)  # (I, r) each
