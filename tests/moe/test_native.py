@@ -31,6 +31,10 @@ def test_native_lora_loop_matches_reference(rank, with_keep, threads, lora_loop_
     partial column block (37 tokens, I = 160 = 128 + 32) and one expert without tokens; with 2 threads the factor
     gradients are summed from per-thread copies."""
     torch.set_num_threads(threads)  # conftest restores it
+    check_against_reference(rank, with_keep, lora_loop_reference)
+
+
+def check_against_reference(rank, with_keep, lora_loop_reference):
     t, h, i, e, s = 37, 24, 160, 4, 0.6
     g = torch.Generator().manual_seed(rank)
     assert _native_kernels(torch.zeros(1), i) is not None, "the kernels should build on this machine"
@@ -143,6 +147,24 @@ def test_build_is_cached_and_reused(fresh_build, monkeypatch):
 
     monkeypatch.setattr(native, "_compile", no_compile)
     assert native.lora_kernels() is not None
+
+
+@needs_compiler
+def test_portable_build_when_the_native_one_fails(fresh_build, monkeypatch, lora_loop_reference):
+    """A compiler that refuses ``-march=native`` (another architecture, an old compiler) gets the portable build, which
+    must compute the same (no AVX-512 there: the vector type is split into narrower registers)."""
+    wrapper, log = fresh_build / "no-native-cc", fresh_build / "calls.log"
+    wrapper.write_text(
+        f'#!/bin/sh\necho "$@" >> {log}\n'
+        'for a in "$@"; do [ "$a" = "-march=native" ] && { echo "no -march=native" >&2; exit 1; }; done\n'
+        f'exec {shutil.which("cc")} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert native.lora_kernels() is not None
+    builds = [line for line in log.read_text().splitlines() if "-shared" in line]
+    assert len(builds) == 2 and "-march=native" in builds[0] and "-march" not in builds[1]
+    check_against_reference(16, True, lora_loop_reference)
 
 
 def test_without_a_compiler_the_layer_falls_back_with_one_warning(fresh_build, monkeypatch):
