@@ -458,11 +458,7 @@ class _LoRAExpertLoop(torch.autograd.Function):
             mixed = x.new_zeros(num_tokens, inter) if kernels is None else x.new_empty(num_tokens, inter)
         delta = x.new_zeros(x.shape)  # (T, H): the LoRA down-projection terms
         if kernels is not None:  # the factors in column slices (see the C file)
-            b_g_p, b_u_p, a_d_p = (
-                kernels.pack(b_g.transpose(1, 2)),
-                kernels.pack(b_u.transpose(1, 2)),
-                kernels.pack(a_d),
-            )
+            b_g_p, b_u_p, a_d_p = kernels.pack_factors(b_g, b_u, a_d)
             written = _written_flags(num_tokens, keep is not None)
         saved = []
         for e, (idx, w) in enumerate(zip(token_index.split(counts), weight.unsqueeze(-1).split(counts))):
@@ -521,11 +517,7 @@ class _LoRAExpertLoop(torch.autograd.Function):
             grad_g0, grad_u0 = new(x.shape[0], inter), new(x.shape[0], inter)
         grad_x = torch.zeros_like(x) if need[0] else None  # the LoRA A terms; the frozen products are added at the end
         if kernels is not None:  # the factors in column slices (see the C file)
-            b_g_p, b_u_p, a_d_p = (
-                kernels.pack(b_g.transpose(1, 2)),
-                kernels.pack(b_u.transpose(1, 2)),
-                kernels.pack(a_d),
-            )
+            b_g_p, b_u_p, a_d_p = kernels.pack_factors(b_g, b_u, a_d)
             written = _written_flags(x.shape[0], keep is not None)
         grad_w_chunks = grad_w.split(ctx.counts) if grad_w is not None else [None] * len(ctx.counts)
         chunks = zip(token_index.split(ctx.counts), weight.unsqueeze(-1).split(ctx.counts), grad_w_chunks, ctx.saved)

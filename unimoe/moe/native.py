@@ -91,6 +91,11 @@ class LoRAKernels:
         """``(E, r, I)`` factor rows (any strides) as ``(E, I / lanes, r, lanes)`` column slices, contiguous."""
         return rows.unflatten(2, (rows.shape[2] // self.lanes, self.lanes)).permute(0, 2, 1, 3).contiguous()
 
+    def pack_factors(self, b_gate, b_up, a_down) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three factors the kernels read, ``B_gate, B_up (E, I, r)`` and ``A_down (E, r, I)``, in column
+        slices."""
+        return self.pack(b_gate.transpose(1, 2)), self.pack(b_up.transpose(1, 2)), self.pack(a_down)
+
     @staticmethod
     def _ptrs(*tensors: torch.Tensor) -> list[int]:
         for t in tensors:

@@ -18,7 +18,6 @@
  *   memory; see rank_update).
  * I must be a multiple of LANES (native.py falls back to torch ops otherwise).
  */
-#include <math.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
